@@ -1,0 +1,1 @@
+"""CRM adapters, one folder each, loaded by name (see ``load``)."""

@@ -1,0 +1,1 @@
+"""The RetailCRM (Simla.com) adapter."""
