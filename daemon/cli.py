@@ -1,0 +1,174 @@
+"""The command line and composition root: ``crm-bridge run | migrate | check | genkey | ...``.
+
+Each subcommand reads the settings it needs, configures logging, and runs one coroutine.
+Exit codes: 0 success, 1 failure (a crashed task, a failed check), 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon import __version__, db, logconfig, runtime
+from daemon.migrate import MigrationError, find_sql_dir, load_migrations, migrate
+from daemon.settings import Settings, SettingsError, load, load_database
+
+log = structlog.get_logger("crm_bridge")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crm-bridge",
+        description="Deliver the PBX platform's call events to CRMs. "
+        "Configured by CRM_BRIDGE_* environment variables (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"crm-bridge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("--integration", help="adapter to run (default CRM_BRIDGE_INTEGRATION)")
+    sub.add_parser("migrate", help="apply the database migrations (idempotent)")
+    check = sub.add_parser("check", help="validate settings and reach the database")
+    check.add_argument("--integration")
+    sub.add_parser("genkey", help="print a new key for CRM_BRIDGE_ENCRYPTION_KEYS")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``crm-bridge`` console script and ``python -m daemon``."""
+    args = _parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
+    try:
+        return command(args)
+    except SettingsError as exc:
+        print(f"crm-bridge: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except MigrationError as exc:
+        print(f"crm-bridge: migration error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load(integration=getattr(args, "integration", None))
+    logconfig.configure(settings.log_format, settings.log_level)
+    if settings.generated:
+        log.warning(
+            "dev_mode_throwaway_secrets", variables=list(settings.generated),
+            note="generated for this run only; never use dev mode in production",
+        )
+    return settings
+
+
+def _cmd_genkey(_args: argparse.Namespace) -> int:
+    from cryptography.fernet import Fernet
+
+    print(Fernet.generate_key().decode("ascii"))
+    return EXIT_OK
+
+
+def _cmd_migrate(_args: argparse.Namespace) -> int:
+    url, sql_dir = load_database()
+    logconfig.configure(os.environ.get("CRM_BRIDGE_LOG_FORMAT", "auto"))
+    return asyncio.run(_migrate(url, sql_dir))
+
+
+async def _migrate(url: str, sql_dir: str) -> int:
+    migrations = load_migrations(find_sql_dir(sql_dir))
+    conn = await db.connect(url, command_timeout_s=300.0, application_name="crm-bridge:migrate")
+    try:
+        applied = await migrate(conn, migrations)
+    finally:
+        await conn.close()
+    log.info("migrations_done", applied=[m.version for m in applied],
+             latest=migrations[-1].version if migrations else None)
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    return asyncio.run(_check(settings))
+
+
+async def _check(settings: Settings) -> int:
+    from daemon.migrate import pending
+
+    conn = await db.connect(settings.database_url, command_timeout_s=10.0)
+    try:
+        missing = await pending(conn, load_migrations(find_sql_dir(settings.sql_dir)))
+    finally:
+        await conn.close()
+    if missing:
+        log.error("migrations_pending", versions=[m.version for m in missing])
+        return EXIT_FAILED
+    log.info("check_ok", settings=settings.describe())
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    return asyncio.run(serve(settings))
+
+
+async def serve(settings: Settings) -> int:
+    """Run the daemon until SIGTERM/SIGINT (exit 0) or a crashed task (exit 1)."""
+    from web.app import create_app
+
+    async with runtime.build(settings) as rt:
+        _install_signal_handlers(rt.supervisor.stop)
+        runner = web.AppRunner(create_app(rt), handle_signals=False, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, settings.host, settings.port)
+            await site.start()
+            log.info("listening", url=_bound_url(runner, settings), public_url=settings.public_url,
+                     integration=rt.adapter.name, instance=settings.instance_id)
+            await rt.supervisor.stopping.wait()
+            log.info("stopping", reason=rt.supervisor.failed or "signal")
+            await rt.supervisor.join(settings.shutdown_grace_s + 5)
+        finally:
+            await runner.cleanup()
+        failed = rt.supervisor.failed
+    log.info("stopped", failed=failed)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _bound_url(runner: web.AppRunner, settings: Settings) -> str:
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            host = address[0] if ":" not in str(address[0]) else f"[{address[0]}]"
+            return f"http://{host}:{address[1]}"
+    return f"http://{settings.host}:{settings.port}"
+
+
+def _install_signal_handlers(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        received.append(signum)
+        if len(received) == 1:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            stop()
+        else:
+            log.warning("forced_exit", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+_COMMANDS: dict[str, Callable[[Any], int]] = {
+    "run": _cmd_run,
+    "migrate": _cmd_migrate,
+    "check": _cmd_check,
+    "genkey": _cmd_genkey,
+}

@@ -1,0 +1,128 @@
+"""Logging: structlog to stdout, JSON in production and the console renderer on a terminal.
+
+The standard library's loggers (aiohttp's access and server logs, asyncpg) go through the
+same processor chain, so every line has one shape. ``redact`` runs last before rendering: it
+masks values under known secret keys and secret-looking substrings (JWTs, ``apiKey=`` and
+``clientId=`` in URLs) in any string — the last line of defence, not the first.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+MASK = "***"
+
+# Keys whose values are secrets wherever they appear (compared lower-cased, without - and _).
+SECRET_KEYS = frozenset(
+    {
+        "apikey", "xapikey", "clientid", "token", "secret", "secretkey", "password",
+        "passwd", "session", "sessiontoken", "jwt", "authorization", "cookie", "setcookie",
+        "encryptionkey", "encryptionkeys", "servicetoken", "accesstoken", "refreshtoken",
+        "enterprisesecret", "csrftoken", "csrf",
+    }
+)
+
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}")
+_URL_SECRET = re.compile(
+    r"(?i)\b(api_?key|client_?id|token|secret|session_token|jwt|password)=([^&\s\"']+)"
+)
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
+
+
+def is_secret_key(key: object) -> bool:
+    """True when a mapping key names a secret (``api_key``, ``X-API-KEY``, ``clientId``...)."""
+    if not isinstance(key, str):
+        return False
+    return key.lower().replace("-", "").replace("_", "") in SECRET_KEYS
+
+
+def scrub_text(text: str) -> str:
+    """Mask secret-looking substrings of free text: JWTs, bearer tokens, ``key=value`` in URLs."""
+    if "=" in text or "eyJ" in text or "earer" in text:
+        text = _JWT.sub(MASK, text)
+        text = _URL_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", text)
+        text = _BEARER.sub(lambda m: f"{m.group(1)} {MASK}", text)
+    return text
+
+
+def redact_value(value: Any, depth: int = 0) -> Any:
+    """Return ``value`` with every secret masked: by key in mappings, by pattern in strings."""
+    if depth > 8:
+        return value
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, Mapping):
+        return {
+            k: (MASK if is_secret_key(k) and v not in (None, "") else redact_value(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact_value(v, depth + 1) for v in value]
+    return value
+
+
+def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: mask secrets in every field of the event."""
+    for key, value in list(event_dict.items()):
+        if is_secret_key(key) and value not in (None, ""):
+            event_dict[key] = MASK
+        elif isinstance(value, str | Mapping | list | tuple):
+            event_dict[key] = redact_value(value)
+    return event_dict
+
+
+def _renderer(log_format: str) -> Processor:
+    console = log_format == "console" or (log_format == "auto" and sys.stdout.isatty())
+    if console:
+        return structlog.dev.ConsoleRenderer()
+    return structlog.processors.JSONRenderer()
+
+
+def shared_processors() -> list[Processor]:
+    """The chain every line passes through, structlog's and the standard library's alike."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        redact,
+    ]
+
+
+def configure(log_format: str = "auto", level: str = "info") -> None:
+    """Configure structlog and route the standard library's logging through it.
+
+    Idempotent: calling it again replaces the handler (tests and the CLI both call it).
+    """
+    numeric = logging.getLevelName(level.upper())
+    renderer = _renderer(log_format)
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared_processors(),
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)
+    # aiohttp's access log is one line per request: useful, but at info only when asked.
+    logging.getLogger("aiohttp.access").setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,159 @@
+"""Prometheus collectors, one registry per Runtime (tests build several apps in one process).
+
+Names follow ``crm_bridge_<what>_<unit>``; counters end in ``_total``. Label values are
+bounded: outcomes, reasons, states and enterprise numbers (an operator's platform has
+thousands of enterprises at most, and the per-enterprise series are the ones alerts need).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
+
+
+class Metrics:
+    """Every collector of the process, registered in its own ``CollectorRegistry``."""
+
+    def __init__(self, integration: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.info = Gauge(
+            "crm_bridge_info", "Constant 1, labelled with what this process runs.",
+            ["integration", "version", "instance"], registry=r,
+        )
+        # --- listener
+        self.listener_connected = Gauge(
+            "crm_bridge_listener_connected", "1 while the LISTEN connection is up.", registry=r
+        )
+        self.listener_reconnects = Counter(
+            "crm_bridge_listener_reconnects_total", "LISTEN connection (re)connects after a loss.",
+            registry=r,
+        )
+        self.notifications = Counter(
+            "crm_bridge_notifications_total", "Notifications received, by channel.",
+            ["channel"], registry=r,
+        )
+        self.notifications_dropped = Counter(
+            "crm_bridge_notifications_dropped_total", "Malformed notification payloads dropped.",
+            ["channel"], registry=r,
+        )
+        self.notification_queue_usage = Gauge(
+            "crm_bridge_notification_queue_usage",
+            "pg_notification_queue_usage(): fraction of the server's NOTIFY queue in use.",
+            registry=r,
+        )
+        # --- config cache
+        self.cache_hits = Counter(
+            "crm_bridge_config_cache_hits_total", "Config cache lookups answered from memory.",
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "crm_bridge_config_cache_misses_total", "Config cache lookups with no entry.",
+            registry=r,
+        )
+        self.cache_loads = Counter(
+            "crm_bridge_config_loads_total", "Config loads, by reason.", ["reason"], registry=r
+        )
+        self.cache_load_seconds = Histogram(
+            "crm_bridge_config_load_seconds", "Duration of config loads, by scope.",
+            ["scope"], buckets=_FAST_BUCKETS, registry=r,
+        )
+        self.cache_entries = Gauge(
+            "crm_bridge_config_entries", "Enterprises in the config cache.", registry=r
+        )
+        self.cache_invalid = Gauge(
+            "crm_bridge_config_invalid_entries",
+            "Enterprises whose configuration of this integration failed validation.", registry=r,
+        )
+        # --- delivery pipeline
+        self.deliveries = Counter(
+            "crm_bridge_deliveries_total", "Delivery attempts settled, by outcome.",
+            ["outcome"], registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            "crm_bridge_attempt_seconds", "Duration of delivery attempts.",
+            buckets=_ATTEMPT_BUCKETS, registry=r,
+        )
+        self.retries = Counter(
+            "crm_bridge_retries_scheduled_total", "Deliveries rescheduled, by reason.",
+            ["reason"], registry=r,
+        )
+        self.leases_reclaimed = Counter(
+            "crm_bridge_leases_reclaimed_total",
+            "Deliveries claimed after another holder's lease expired.", registry=r,
+        )
+        self.acks_lost = Counter(
+            "crm_bridge_acks_fenced_total",
+            "Outcomes dropped because this instance no longer held the lease.", registry=r,
+        )
+        self.claims = Counter(
+            "crm_bridge_claims_total", "Claim queries run by the dispatcher.", registry=r
+        )
+        self.claim_seconds = Histogram(
+            "crm_bridge_claim_seconds", "Duration of claim queries.", buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "crm_bridge_deliveries_in_flight", "Deliveries claimed and not yet settled.",
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "crm_bridge_queue_depth", "Pending deliveries of this integration.", registry=r
+        )
+        self.oldest_due_seconds = Gauge(
+            "crm_bridge_queue_oldest_due_seconds",
+            "Age of the oldest due pending delivery (0 when none is due).", registry=r,
+        )
+        self.failed_total = Gauge(
+            "crm_bridge_deliveries_failed", "Failed (dead-lettered) deliveries kept.", registry=r
+        )
+        self.log_rows = Counter(
+            "crm_bridge_log_rows_total", "integration_logs rows written.", registry=r
+        )
+        self.log_flushes = Counter(
+            "crm_bridge_log_flushes_total", "Batched writes of outcomes and log rows.", registry=r
+        )
+        self.bug_errors = Counter(
+            "crm_bridge_adapter_bugs_total",
+            "Unexpected exceptions escaping an adapter (each one is a bug).", registry=r,
+        )
+        self.purged = Counter(
+            "crm_bridge_events_purged_total", "Events removed by retention.", registry=r
+        )
+        # --- guards
+        self.breaker_state = Gauge(
+            "crm_bridge_breaker_state",
+            "Circuit breaker per enterprise: 0 closed, 1 half-open, 2 open.",
+            ["enterprise"], registry=r,
+        )
+        self.rate_limited_waits = Counter(
+            "crm_bridge_rate_limited_waits_total",
+            "Requests that waited for the per-enterprise token bucket.", registry=r,
+        )
+        self.rate_limited_rejects = Counter(
+            "crm_bridge_rate_limited_rejects_total",
+            "Deliveries rescheduled because the token bucket would wait too long.", registry=r,
+        )
+        self.held_enterprises = Gauge(
+            "crm_bridge_held_enterprises",
+            "Enterprises whose deliveries wait, by reason.", ["reason"], registry=r,
+        )
+        # --- HTTP
+        self.http_requests = Counter(
+            "crm_bridge_http_requests_total", "HTTP requests served, by route and status.",
+            ["route", "status"], registry=r,
+        )
+        self.http_seconds = Histogram(
+            "crm_bridge_http_request_seconds", "HTTP request handling time, by route.",
+            ["route"], buckets=_FAST_BUCKETS, registry=r,
+        )
+        self.events_ingested = Counter(
+            "crm_bridge_events_ingested_total", "Events received over HTTP, by result.",
+            ["result"], registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format of every collector."""
+        return generate_latest(self.registry)

@@ -1,0 +1,87 @@
+"""Settings: every required variable missing or malformed is an error naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.settings import SettingsError, load, mask_url_password, variables
+
+GOOD = {
+    "CRM_BRIDGE_DATABASE_URL": "postgresql://crm:pw@db.internal:5432/platform",
+    "CRM_BRIDGE_SECRET_KEY": "k" * 40,
+    "CRM_BRIDGE_ENCRYPTION_KEYS": "hHTp3ZkJ7l7yG4Yh8hB8n6dO5S6dC3m4fS9Xf2h7gKk=",
+    "CRM_BRIDGE_SERVICE_TOKEN": "t" * 30,
+    "CRM_BRIDGE_PUBLIC_URL": "https://crm-bridge.example.by/",
+}
+
+
+def test_a_complete_environment_loads() -> None:
+    settings = load(GOOD)
+    assert settings.public_url == "https://crm-bridge.example.by"
+    assert settings.port == 8019 and settings.integration == "retailcrm"
+    assert settings.generated == ()
+    assert "kkkk" not in repr(settings) and "tttt" not in repr(settings)
+    assert settings.describe()["database_url"] == "postgresql://crm:***@db.internal:5432/platform"
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["CRM_BRIDGE_DATABASE_URL", "CRM_BRIDGE_SECRET_KEY", "CRM_BRIDGE_ENCRYPTION_KEYS",
+     "CRM_BRIDGE_SERVICE_TOKEN", "CRM_BRIDGE_PUBLIC_URL"],
+)
+def test_each_required_variable_missing_is_named(variable: str) -> None:
+    env = {k: v for k, v in GOOD.items() if k != variable}
+    with pytest.raises(SettingsError) as info:
+        load(env)
+    assert info.value.variable == variable
+    assert variable in str(info.value) and "required" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("CRM_BRIDGE_DATABASE_URL", "mysql://x/y", "postgresql://"),
+        ("CRM_BRIDGE_SECRET_KEY", "short", "at least 32"),
+        ("CRM_BRIDGE_ENCRYPTION_KEYS", "not-a-key", "not a Fernet key"),
+        ("CRM_BRIDGE_SERVICE_TOKEN", "short", "at least 24"),
+        ("CRM_BRIDGE_PUBLIC_URL", "crm-bridge.example.by", "absolute http(s) URL"),
+        ("CRM_BRIDGE_PORT", "eighty", "integer"),
+        ("CRM_BRIDGE_PORT", "70000", "0-65535"),
+        ("CRM_BRIDGE_POLL_INTERVAL_S", "0", "greater than 0"),
+        ("CRM_BRIDGE_NOTIFY", "maybe", "true/false"),
+        ("CRM_BRIDGE_LOG_FORMAT", "xml", "one of"),
+        ("CRM_BRIDGE_LEASE_S", "4", "twice"),
+        ("CRM_BRIDGE_INTEGRATION", "retail crm!", "adapter name"),
+    ],
+)
+def test_each_malformed_variable_is_named(variable: str, value: str, says: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load({**GOOD, variable: value})
+    assert info.value.variable == variable
+    assert says in str(info.value)
+    if "KEY" in variable or "TOKEN" in variable:
+        assert value not in str(info.value), "a rejected secret is not echoed"
+
+
+def test_no_fallback_secrets_outside_dev_mode() -> None:
+    env = {"CRM_BRIDGE_DATABASE_URL": GOOD["CRM_BRIDGE_DATABASE_URL"]}
+    with pytest.raises(SettingsError):
+        load(env)
+    dev = load({**env, "CRM_BRIDGE_DEV_MODE": "1"})
+    assert set(dev.generated) == {"CRM_BRIDGE_SECRET_KEY", "CRM_BRIDGE_ENCRYPTION_KEYS",
+                                  "CRM_BRIDGE_SERVICE_TOKEN"}
+    assert dev.public_url == "http://127.0.0.1:8019"
+    assert load({**env, "CRM_BRIDGE_DEV_MODE": "1"}).secret_key != dev.secret_key
+
+
+def test_every_variable_is_documented_in_the_readme() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [name for name, _help in variables() if name not in readme]
+    assert not missing, f"README lacks {missing}"
+
+
+def test_mask_url_password() -> None:
+    assert mask_url_password("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert mask_url_password("postgresql://u:p%40ss@h/db") == "postgresql://u:***@h/db"

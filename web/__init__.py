@@ -1,0 +1,1 @@
+"""crm-bridge's HTTP side: the aiohttp application, its routes and templates."""
