@@ -1,0 +1,341 @@
+"""ConfigCache and EnablementMatrix: every enterprise's configuration, in memory, always fresh.
+
+Readers (the dispatcher, the ingest API, callbacks) call ``ConfigCache.get`` — a plain dict
+lookup: no lock, no await. Entries are replaced whole (frozen values, atomic swaps), so a
+reader never sees half an update. Freshness comes from four sources:
+
+* ``NOTIFY crm_config`` → ``invalidate(enterprise)`` reloads that enterprise. Loads are
+  single-flight per enterprise: however many notifications and readers arrive, one load
+  runs; a notification that arrives during it marks the entry dirty and causes exactly one
+  more (the running load may have read the row before the change committed);
+* every (re)connect of the listener → ``refresh_all`` (notifications sent meanwhile are lost);
+* a periodic full refresh (``refresh_s`` ± 20 % jitter) swaps the whole map at once;
+* a per-entry TTL (``ttl_s`` × 2/3…4/3): an expired entry is still served while it is
+  reloaded in the background (stale-while-revalidate).
+
+A full refresh never overwrites an entry loaded after the refresh's snapshot was taken
+(each load is stamped with a sequence number taken before its query).
+
+An enterprise whose configuration of this integration fails validation is kept with
+``invalid`` set: its integration counts as disabled, its deliveries wait (it is "held"),
+and the reason is logged once and shown in ``/stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import structlog
+
+from daemon import store
+from daemon.crypto import Crypto
+from daemon.errors import ConfigError
+from daemon.integrations.base import Adapter, IntegrationConfig
+from daemon.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One enterprise as this process sees it (replaced whole, never mutated)."""
+
+    enterprise: str
+    token: str | None
+    active: bool
+    enabled_types: frozenset[str]
+    config: IntegrationConfig | None
+    invalid: str | None
+    holds: Mapping[str, str]
+    seq: int
+    expires_at: float = field(compare=False)
+
+    @property
+    def held(self) -> str | None:
+        """Why this enterprise's deliveries must wait now, or None."""
+        if self.invalid is not None:
+            return "invalid_config"
+        if self.holds:
+            return sorted(self.holds)[0]
+        return None
+
+    @property
+    def serves(self) -> bool:
+        """True when this process's integration is enabled and valid here."""
+        return self.active and self.config is not None and self.config.enabled
+
+
+class EnablementMatrix:
+    """Enterprise → enabled integration types, and the reverse lookups of the hot paths.
+
+    ``Token`` (``enterprises.name2``) → enterprise for events, and the callback secret's
+    keyed fingerprint → enterprise for CRM callbacks (the secret itself is never a key).
+    """
+
+    def __init__(self, crypto: Crypto) -> None:
+        self._crypto = crypto
+        self._types: dict[str, frozenset[str]] = {}
+        self._tokens: dict[str, str] = {}
+        self._secrets: dict[str, str] = {}
+
+    def _keys(self, entry: Entry) -> tuple[str | None, str | None]:
+        secret = entry.config.callback_secret if entry.config is not None else None
+        return entry.token, self._crypto.fingerprint(secret) if secret else None
+
+    def put(self, old: Entry | None, new: Entry | None) -> None:
+        """Replace ``old``'s lookups with ``new``'s (either may be None)."""
+        if old is not None:
+            token, secret = self._keys(old)
+            self._types.pop(old.enterprise, None)
+            if token and self._tokens.get(token) == old.enterprise:
+                del self._tokens[token]
+            if secret and self._secrets.get(secret) == old.enterprise:
+                del self._secrets[secret]
+        if new is not None:
+            token, secret = self._keys(new)
+            self._types[new.enterprise] = new.enabled_types if new.active else frozenset()
+            if token:
+                self._tokens[token] = new.enterprise
+            if secret:
+                self._secrets[secret] = new.enterprise
+
+    def rebuild(self, entries: Iterable[Entry]) -> None:
+        """Start over from ``entries`` (after a full refresh)."""
+        self._types, self._tokens, self._secrets = {}, {}, {}
+        for entry in entries:
+            self.put(None, entry)
+
+    def enabled(self, enterprise: str) -> frozenset[str] | None:
+        """The enabled integration types (None: unknown enterprise)."""
+        return self._types.get(enterprise)
+
+    def by_token(self, token: str) -> str | None:
+        """The enterprise whose ``name2`` is ``token`` (or whose number is)."""
+        found = self._tokens.get(token)
+        if found is None and token in self._types:
+            return token
+        return found
+
+    def by_secret(self, secret: str) -> str | None:
+        """The enterprise whose callback secret is ``secret``."""
+        return self._secrets.get(self._crypto.fingerprint(secret))
+
+
+class ConfigCache:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        adapter: Adapter,
+        crypto: Crypto,
+        metrics: Metrics,
+        *,
+        ttl_s: float = 90.0,
+        refresh_s: float = 240.0,
+    ) -> None:
+        self._pool = pool
+        self._adapter = adapter
+        self._metrics = metrics
+        self.ttl_s = ttl_s
+        self.refresh_s = refresh_s
+        self.matrix = EnablementMatrix(crypto)
+        self._entries: dict[str, Entry] = {}
+        self._held: dict[str, str] = {}
+        self._loads: dict[str, asyncio.Task[Entry | None]] = {}
+        self._dirty: set[str] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._seq = itertools.count(1)
+        self.loaded = asyncio.Event()
+        self.last_full_refresh_at: float | None = None
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, enterprise: str) -> Entry | None:
+        """The cached entry (maybe stale: then a background reload starts). Never awaits."""
+        entry = self._entries.get(enterprise)
+        if entry is None:
+            self._metrics.cache_misses.inc()
+            return None
+        self._metrics.cache_hits.inc()
+        if entry.expires_at <= time.monotonic() and enterprise not in self._loads:
+            self._spawn(self.load(enterprise, "ttl"))
+        return entry
+
+    async def fetch(self, enterprise: str) -> Entry | None:
+        """The entry, loading it (single-flight) on a miss. None: no such enterprise."""
+        entry = self.get(enterprise)
+        if entry is not None:
+            return entry
+        return await self.load(enterprise, "miss")
+
+    def held(self) -> dict[str, str]:
+        """Enterprises whose deliveries must wait, with the reason (a copy)."""
+        return dict(self._held)
+
+    def entries(self) -> list[Entry]:
+        """Every cached entry (a snapshot list)."""
+        return list(self._entries.values())
+
+    # ------------------------------------------------------------------ loading
+
+    def invalidate(self, enterprise: str) -> None:
+        """A notification said ``enterprise`` changed: reload it (single-flight, dirty-aware)."""
+        if enterprise in self._loads:
+            self._dirty.add(enterprise)
+            return
+        self._spawn(self.load(enterprise, "notify"))
+
+    async def load(self, enterprise: str, reason: str) -> Entry | None:
+        """Load one enterprise now, or join the load already running for it."""
+        task = self._loads.get(enterprise)
+        if task is None:
+            task = asyncio.create_task(self._load_until_clean(enterprise, reason))
+            self._loads[enterprise] = task
+            task.add_done_callback(lambda _t: self._loads.pop(enterprise, None))
+        return await asyncio.shield(task)
+
+    async def _load_until_clean(self, enterprise: str, reason: str) -> Entry | None:
+        while True:
+            self._dirty.discard(enterprise)
+            entry = await self._load_one(enterprise, reason)
+            if enterprise not in self._dirty:
+                return entry
+            reason = "notify"
+
+    async def _load_one(self, enterprise: str, reason: str) -> Entry | None:
+        seq = next(self._seq)
+        self._metrics.cache_loads.labels(reason).inc()
+        with self._metrics.cache_load_seconds.labels("one").time():
+            row = await store.load_enterprise(self._pool, self._adapter.name, enterprise)
+        entry = self._build(row, seq) if row is not None else None
+        self._swap(enterprise, entry)
+        return entry
+
+    async def refresh_all(self, reason: str = "full") -> int:
+        """Reload every enterprise and swap the whole map; returns the number of entries."""
+        seq = next(self._seq)
+        self._metrics.cache_loads.labels(reason).inc()
+        with self._metrics.cache_load_seconds.labels("all").time():
+            rows = await store.load_all_enterprises(self._pool, self._adapter.name)
+        fresh = {row["number"]: self._build(row, seq) for row in rows}
+        # Anything loaded on its own after our snapshot is newer than what we read.
+        for enterprise, current in self._entries.items():
+            if current.seq > seq:
+                fresh[enterprise] = current
+        for enterprise, entry in fresh.items():
+            self._note_validity(self._entries.get(enterprise), entry)
+        self._entries = fresh
+        self._held = {e: h for e, entry in fresh.items() if (h := entry.held)}
+        self.matrix.rebuild(fresh.values())
+        self._export()
+        self.last_full_refresh_at = time.time()
+        self.loaded.set()
+        return len(fresh)
+
+    async def run_refresher(self, stopping: asyncio.Event) -> None:
+        """Full refresh every ``refresh_s`` ± 20 %, until ``stopping``."""
+        while not stopping.is_set():
+            period = self.refresh_s * random.uniform(0.8, 1.2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), period)
+            if stopping.is_set():
+                return
+            try:
+                await self.refresh_all("full")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("config_refresh_failed", error=type(exc).__name__)
+
+    # ------------------------------------------------------------------ building
+
+    def _build(self, row: Mapping[str, Any], seq: int) -> Entry:
+        raw_all = row["integrations_config"] or {}
+        enabled = frozenset(
+            key for key, value in raw_all.items()
+            if isinstance(value, Mapping) and value.get("enabled") is True
+        )
+        config: IntegrationConfig | None = None
+        invalid: str | None = None
+        raw = raw_all.get(self._adapter.name)
+        if raw is not None:
+            try:
+                if not isinstance(raw, Mapping):
+                    raise ConfigError(self._adapter.name, "expected an object")
+                config = self._adapter.parse_config(raw)
+            except ConfigError as exc:
+                invalid = str(exc)
+                enabled = enabled - {self._adapter.name}
+        ttl = self.ttl_s * random.uniform(2 / 3, 4 / 3)
+        return Entry(
+            enterprise=row["number"], token=row["name2"], active=bool(row["active"]),
+            enabled_types=enabled, config=config, invalid=invalid,
+            holds=dict(row["holds"] or {}), seq=seq, expires_at=time.monotonic() + ttl,
+        )
+
+    def _swap(self, enterprise: str, entry: Entry | None) -> None:
+        old = self._entries.get(enterprise)
+        if old is not None and entry is not None and old.seq > entry.seq:
+            return  # a newer load already landed
+        self._note_validity(old, entry)
+        if entry is None:
+            self._entries.pop(enterprise, None)
+        else:
+            self._entries[enterprise] = entry
+        held = entry.held if entry is not None else None
+        if held:
+            self._held[enterprise] = held
+        else:
+            self._held.pop(enterprise, None)
+        self.matrix.put(old, entry)
+        self._export()
+
+    def _note_validity(self, old: Entry | None, new: Entry | None) -> None:
+        before = old.invalid if old is not None else None
+        after = new.invalid if new is not None else None
+        if after and after != before:
+            log.warning("config_invalid", enterprise=new.enterprise if new else None,
+                        integration=self._adapter.name, reason=after)
+        elif before and not after and new is not None:
+            log.info("config_valid_again", enterprise=new.enterprise,
+                     integration=self._adapter.name)
+
+    def _export(self) -> None:
+        self._metrics.cache_entries.set(len(self._entries))
+        self._metrics.cache_invalid.set(sum(1 for e in self._held.values()
+                                            if e == "invalid_config"))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("config_load_failed", error=type(exc).__name__)
+
+    async def close(self) -> None:
+        """Cancel background loads (teardown)."""
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2)
+
+    def stats(self) -> dict[str, object]:
+        """Cache state for ``/stats``."""
+        return {
+            "entries": len(self._entries),
+            "serving": sum(1 for e in self._entries.values() if e.serves),
+            "held": self.held(),
+            "invalid": {e.enterprise: e.invalid for e in self._entries.values() if e.invalid},
+            "loads_in_flight": len(self._loads),
+            "last_full_refresh_at": self.last_full_refresh_at,
+        }

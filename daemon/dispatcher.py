@@ -1,0 +1,436 @@
+"""The dispatcher: claims due deliveries of this process's integration and runs them.
+
+The loop (one per process):
+
+1. **Wake** on the doorbell (``NOTIFY crm_events``), once more ``DOORBELL_WINDOW_S`` after
+   each doorbell (the trigger rings at most once per window, so an event committed inside
+   the window rang no bell), on the poll interval, at the earliest retry this process
+   scheduled, when a slot frees up at full capacity, or on stop. With ``notify`` off it
+   simply polls (PgBouncer in transaction pooling cannot LISTEN).
+2. **Claim** up to ``min(free capacity, CLAIM_BATCH)`` due deliveries in one statement
+   (``store.CLAIM``: ``FOR UPDATE SKIP LOCKED``, per-call order, held enterprises skipped),
+   under a lease of ``lease_s``. An instance that dies loses its leases when they expire.
+3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
+   lease long enough to finish), then the adapter under a hard ``attempt_timeout_s``.
+4. **Settle** by error class through ``retry.decide``; the ``OutcomeWriter`` writes the
+   outcomes and log rows in batches, fenced by lease.
+
+Graceful stop: no new claims; in-flight attempts get ``grace_s`` to finish; whatever is
+left is cancelled and released (lease dropped, attempt not counted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from daemon import store
+from daemon.cache import ConfigCache, Entry
+from daemon.calls import StoredEvent
+from daemon.errors import DeliveryError, Retryable
+from daemon.guards import Guards
+from daemon.integrations.base import Adapter, Delivered, DeliveryContext, Outcome
+from daemon.logs import LogRow, OutcomeWriter, Settlement, mask
+from daemon.metrics import Metrics
+from daemon.retry import Decision, Policy, decide
+
+log = structlog.get_logger(__name__)
+
+CLAIM_BATCH = 100
+# Must match the window of the doorbell in sql/001_foundation.sql (crm_events_fan_out).
+DOORBELL_WINDOW_S = 0.1
+RECHECK_MARGIN_S = 0.02
+# An attempt starts only if its lease outlives the attempt by this much.
+LEASE_MARGIN_S = 1.0
+STATS_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """One claimed delivery with its event."""
+
+    event: StoredEvent
+    enterprise: str
+    attempt: int
+    queued_at: datetime
+    lease: str
+    lease_deadline: float  # monotonic
+
+
+class Dispatcher:
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        adapter: Adapter,
+        cache: ConfigCache,
+        guards: Guards,
+        writer: OutcomeWriter,
+        metrics: Metrics,
+        *,
+        instance_id: str,
+        http: Any,
+        policy: Policy,
+        concurrency: int = 200,
+        poll_interval_s: float = 1.0,
+        attempt_timeout_s: float = 3.0,
+        lease_s: float = 30.0,
+        grace_s: float = 10.0,
+        notify: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._pool = pool
+        self._adapter = adapter
+        self._cache = cache
+        self._guards = guards
+        self._writer = writer
+        self._metrics = metrics
+        self._instance_id = instance_id
+        self._http = http
+        self._policy = policy
+        self._concurrency = concurrency
+        self._poll_interval_s = poll_interval_s
+        self._attempt_timeout_s = attempt_timeout_s
+        self._lease_s = lease_s
+        self._grace_s = grace_s
+        self._notify = notify
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._recheck_at: float | None = None
+        self._next_retry_at: float | None = None
+        self._claim_no = itertools.count(1)
+        self._inflight: dict[asyncio.Task[None], int] = {}  # task -> deliveries it carries
+        self._inflight_count = 0
+        self.finished = asyncio.Event()
+        self.claimed_total = 0
+
+    # ------------------------------------------------------------------ waking
+
+    def doorbell(self, _payload: str = "") -> None:
+        """NOTIFY crm_events arrived: look now, and once more after the doorbell window."""
+        self._recheck_at = time.monotonic() + DOORBELL_WINDOW_S + RECHECK_MARGIN_S
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Look for due work now (catch-up after a reconnect, a replay...)."""
+        self._wake.set()
+
+    def _timeout(self) -> float:
+        now = time.monotonic()
+        deadline = now + self._poll_interval_s
+        for at in (self._recheck_at, self._next_retry_at):
+            if at is not None:
+                deadline = min(deadline, at)
+        return max(0.0, deadline - now)
+
+    async def _sleep(self, stopping: asyncio.Event) -> None:
+        timeout = self._timeout()
+        if timeout > 0 and not self._wake.is_set():
+            waiters = {asyncio.ensure_future(self._wake.wait()),
+                       asyncio.ensure_future(stopping.wait())}
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+        now = time.monotonic()
+        if self._recheck_at is not None and self._recheck_at <= now:
+            self._recheck_at = None
+        if self._next_retry_at is not None and self._next_retry_at <= now:
+            self._next_retry_at = None
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Claim and attempt until ``stopping``; then drain and release (see module doc)."""
+        try:
+            while not stopping.is_set():
+                free = self._concurrency - self._inflight_count
+                if free <= 0:
+                    await self._sleep(stopping)
+                    continue
+                self._wake.clear()
+                asked = min(free, CLAIM_BATCH)
+                claimed = await self._claim(asked)
+                for group in self._group(claimed):
+                    self._start(group)
+                if len(claimed) < asked:
+                    await self._sleep(stopping)
+        finally:
+            await self._drain()
+            self.finished.set()
+
+    async def _claim(self, limit: int) -> list[Claimed]:
+        held = set(self._cache.held()) | set(self._guards.blocked())
+        held.update(self._guards.saturated())
+        lease = f"{self._instance_id}:{next(self._claim_no)}"
+        started = time.monotonic()
+        try:
+            rows = await self._pool.fetch(
+                store.CLAIM, self._adapter.name, limit, sorted(held), self._lease_s, lease
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("claim_failed", error=type(exc).__name__)
+            return []
+        finally:
+            self._metrics.claims.inc()
+            self._metrics.claim_seconds.observe(time.monotonic() - started)
+        self.claimed_total += len(rows)
+        return [self._claimed(row, lease, started) for row in rows]
+
+    def _claimed(self, row: Mapping[str, Any], lease: str, started: float) -> Claimed:
+        if row["reclaimed"]:
+            self._metrics.leases_reclaimed.inc()
+        event = StoredEvent(
+            id=row["event_id"], event_type=row["event_type"], unique_id=row["unique_id"],
+            payload=row["payload"], record_url=row["record_url"], origin=row["origin"],
+            received_at=row["received_at"],
+        )
+        return Claimed(
+            event=event, enterprise=row["enterprise_number"], attempt=row["attempts"],
+            queued_at=row["queued_at"], lease=lease,
+            lease_deadline=started + float(row["lease_s"]),
+        )
+
+    def _group(self, claimed: list[Claimed]) -> list[list[Claimed]]:
+        """One group per attempt: alone, or with others of the same enterprise and batch key
+        (the claim holds at most one delivery per call, so batching keeps per-call order)."""
+        groups: list[list[Claimed]] = []
+        open_groups: dict[tuple[str, str], list[Claimed]] = {}
+        for item in claimed:
+            entry = self._cache.get(item.enterprise)
+            config = entry.config if entry is not None else None
+            key = self._adapter.batch_key(item.event, config) if config is not None else None
+            if key is None or self._adapter.max_batch <= 1:
+                groups.append([item])
+                continue
+            group = open_groups.get((item.enterprise, key))
+            if group is None or len(group) >= self._adapter.max_batch:
+                group = open_groups[(item.enterprise, key)] = []
+                groups.append(group)
+            group.append(item)
+        return groups
+
+    def _start(self, group: list[Claimed]) -> None:
+        task = asyncio.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
+        self._inflight[task] = len(group)
+        self._inflight_count += len(group)
+        self._metrics.inflight.set(self._inflight_count)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        was_full = self._inflight_count >= self._concurrency
+        self._inflight_count -= self._inflight.pop(task, 0)
+        self._metrics.inflight.set(self._inflight_count)
+        if was_full:
+            self._wake.set()  # capacity came back
+
+    async def _drain(self) -> None:
+        if self._inflight:
+            _done, pending = await asyncio.wait(list(self._inflight), timeout=self._grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2.0)
+                log.warning("attempts_cancelled_at_stop", count=len(pending))
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def _attempt(self, group: list[Claimed]) -> None:
+        first = group[0]
+        structlog.contextvars.bind_contextvars(
+            enterprise=first.enterprise, integration=self._adapter.name,
+            unique_id=first.event.unique_id if len(group) == 1 else None,
+            delivery_id=first.event.id if len(group) == 1 else None, batch=len(group),
+        )
+        try:
+            await self._attempt_guarded(group)
+        except asyncio.CancelledError:
+            self._release(group, "stopped before the attempt finished")
+            raise
+        finally:
+            structlog.contextvars.clear_contextvars()
+
+    async def _attempt_guarded(self, group: list[Claimed]) -> None:
+        enterprise = group[0].enterprise
+        entry = await self._entry(enterprise)
+        if entry is None or not entry.serves or entry.config is None:
+            reason = "integration not enabled for this enterprise"
+            for item in group:
+                self._settle(Settlement(item.event.id, item.lease, "skipped", last_error=reason))
+            self._metrics.deliveries.labels("skipped").inc(len(group))
+            return
+        if entry.held is not None:
+            self._release(group, f"held: {entry.held}")
+            return
+        wait = self._guards.admit(enterprise)
+        if wait is not None:
+            self._release(group, "circuit breaker open", delay_s=wait)
+            return
+        async with self._guards.slot(enterprise):
+            deadline = min(item.lease_deadline for item in group)
+            if deadline - time.monotonic() < self._attempt_timeout_s + LEASE_MARGIN_S:
+                self._release(group, "lease too short to start")
+                return
+            await self._run_adapter(group, entry)
+
+    async def _entry(self, enterprise: str) -> Entry | None:
+        entry = self._cache.get(enterprise)
+        if entry is not None:
+            return entry
+        return await self._cache.fetch(enterprise)
+
+    def _context(self, item: Claimed, entry: Entry) -> DeliveryContext:
+        assert entry.config is not None
+        return DeliveryContext(
+            enterprise=item.enterprise, config=entry.config, event=item.event,
+            attempt=item.attempt, http=self._http, timeout_s=self._attempt_timeout_s,
+            gate=self._guards.gate(item.enterprise, self._adapter.rate_class),
+            load_call=lambda: self._load_call(item),
+        )
+
+    async def _run_adapter(self, group: list[Claimed], entry: Entry) -> None:
+        ctxs = [self._context(item, entry) for item in group]
+        started = time.monotonic()
+        results: Sequence[Outcome | BaseException]
+        try:
+            if len(ctxs) == 1:
+                coro: Any = self._adapter.deliver(ctxs[0])
+            else:
+                coro = self._adapter.deliver_batch(ctxs)
+            answer = await asyncio.wait_for(coro, self._attempt_timeout_s)
+            results = [answer] if len(ctxs) == 1 else answer
+        except TimeoutError:
+            results = [Retryable(f"attempt timed out after {self._attempt_timeout_s:g} s",
+                                 error_id="timeout")] * len(ctxs)
+        except DeliveryError as exc:
+            results = [exc] * len(ctxs)
+        except Exception as exc:  # anything else escaping an adapter is a bug
+            self._metrics.bug_errors.inc()
+            log.exception("adapter_bug", event_type=group[0].event.event_type)
+            results = [exc] * len(ctxs)
+        elapsed = time.monotonic() - started
+        self._metrics.attempt_seconds.observe(elapsed)
+        for item, ctx, result in zip(group, ctxs, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(item, entry, ctx, result, elapsed)
+            else:
+                self._succeeded(item, entry, ctx, result, elapsed)
+
+    async def _load_call(self, item: Claimed) -> Sequence[StoredEvent]:
+        rows = await store.call_events(self._pool, item.enterprise, item.event.unique_id)
+        return [StoredEvent(**dict(row)) for row in rows]
+
+    def _succeeded(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
+                   outcome: Outcome, elapsed: float) -> None:
+        self._guards.succeeded(item.enterprise)
+        delivered = isinstance(outcome, Delivered)
+        status = "done" if delivered else "skipped"
+        detail = outcome.detail if isinstance(outcome, Delivered) else outcome.reason
+        row = self._log_row(item, entry, ctx, ok=True, error=None) if ctx.exchanges or \
+            delivered else None
+        self._settle(Settlement(item.event.id, item.lease, status,
+                                      last_error=None if delivered else detail, log=row))
+        self._metrics.deliveries.labels(status).inc()
+        log.info("delivery_done" if delivered else "delivery_skipped",
+                 event_type=item.event.event_type, attempt=item.attempt,
+                 duration_ms=round(elapsed * 1000, 1), detail=detail)
+
+    def _failed(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
+                error: BaseException, elapsed: float) -> None:
+        if isinstance(error, Retryable) and not error.rate_limited:
+            self._guards.failed(item.enterprise)
+        elif isinstance(error, DeliveryError):
+            self._guards.succeeded(item.enterprise)  # a definite answer: the CRM is up
+        age_s = (datetime.now(UTC) - item.queued_at).total_seconds()
+        decision = decide(error, item.attempt, age_s, self._policy, self._rng)
+        row = self._log_row(item, entry, ctx, ok=False, error=decision.reason)
+        self._settle(self._settlement(item, decision, row))
+        outcome = "failed" if decision.action == "fail" else "retried"
+        self._metrics.deliveries.labels(outcome).inc()
+        log.info(f"delivery_{outcome}", event_type=item.event.event_type,
+                 attempt=item.attempt, duration_ms=round(elapsed * 1000, 1),
+                 error=decision.reason, retry_in_s=round(decision.delay_s, 2)
+                 if decision.action == "retry" else None)
+
+    def _settlement(self, item: Claimed, decision: Decision, row: LogRow) -> Settlement:
+        if decision.action == "fail":
+            hold = (item.enterprise, "auth_failed", decision.reason) if decision.hold else None
+            if hold:
+                log.warning("enterprise_needs_attention", reason=decision.reason)
+            return Settlement(item.event.id, item.lease, "failed", last_error=decision.reason,
+                              log=row, hold=hold)
+        self._metrics.retries.labels("rate_limited" if not decision.counted else "error").inc()
+        self._schedule_wake(decision.delay_s)
+        return Settlement(
+            item.event.id, item.lease, "pending", attempts_delta=0 if decision.counted else -1,
+            delay_s=decision.delay_s, last_error=decision.reason, log=row,
+        )
+
+    def _release(self, group: list[Claimed], reason: str, delay_s: float | None = None) -> None:
+        """Give deliveries back without counting an attempt (a guard said "not now")."""
+        self._metrics.retries.labels("guard").inc(len(group))
+        if delay_s is not None:
+            self._schedule_wake(delay_s)
+        for item in group:
+            self._settle(Settlement(item.event.id, item.lease, "pending", attempts_delta=-1,
+                                    delay_s=delay_s, last_error=None))
+        log.debug("delivery_released", reason=reason, count=len(group))
+
+    def _schedule_wake(self, delay_s: float) -> None:
+        at = time.monotonic() + delay_s
+        if self._next_retry_at is None or at < self._next_retry_at:
+            self._next_retry_at = at
+
+    def _settle(self, settlement: Settlement) -> None:
+        self._writer.put(settlement)
+
+    def _log_row(self, item: Claimed, entry: Entry, ctx: DeliveryContext, *,
+                 ok: bool, error: str | None) -> LogRow:
+        secrets = entry.config.secrets() if entry.config is not None else ()
+        exchanges = [
+            {"method": x.method, "path": x.path, "request": x.request,
+             "status": x.status, "duration_ms": round(x.duration_s * 1000, 1)}
+            for x in ctx.exchanges
+        ]
+        request = {"unique_id": item.event.unique_id, "event_id": item.event.id,
+                   "attempt": item.attempt, "requests": exchanges}
+        response = [{"path": x.path, "status": x.status, "body": x.response}
+                    for x in ctx.exchanges]
+        return LogRow(
+            enterprise=item.enterprise, event_type=item.event.event_type,
+            request=mask(request, secrets), response=mask(response, secrets),
+            ok=ok, error=mask(error, secrets) if error else None,
+        )
+
+    # ------------------------------------------------------------------ observation
+
+    async def run_stats(self, stopping: asyncio.Event) -> None:
+        """Refresh the queue gauges every ``STATS_INTERVAL_S`` (one cheap query)."""
+        while not stopping.is_set():
+            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                                     TimeoutError):
+                row = await self._pool.fetchrow(store.QUEUE_STATS, self._adapter.name)
+                if row is not None:
+                    self._metrics.queue_depth.set(row["pending"])
+                    self._metrics.oldest_due_seconds.set(row["oldest_due_s"])
+                    self._metrics.failed_total.set(row["failed"])
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), STATS_INTERVAL_S)
+
+    def stats(self) -> dict[str, object]:
+        """Dispatcher state for ``/stats``."""
+        return {
+            "in_flight": self._inflight_count, "concurrency": self._concurrency,
+            "claimed_total": self.claimed_total, "notify": self._notify,
+            "poll_interval_s": self._poll_interval_s, "fenced_outcomes": self._writer.fenced,
+        }

@@ -1,0 +1,171 @@
+"""Each attempt's record: the delivery's new state and its ``integration_logs`` row, batched.
+
+The dispatcher hands every settled attempt to ``OutcomeWriter.put`` (no await, no I/O on the
+hot path). One background task writes whatever has accumulated — the state changes with one
+``UPDATE … FROM unnest(…)`` fenced by lease, the log rows with one ``INSERT … SELECT unnest``,
+any new holds — in one transaction: a burst of thousands of attempts is a handful of round
+trips. While one batch is being written the next accumulates, so batches grow with load and
+an idle system writes at once.
+
+``mask`` is applied to every request and response before it becomes a log row: values under
+secret-looking keys are masked, and so is any occurrence of the enterprise's own secrets
+(API key, callback secret) anywhere in a string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import structlog
+
+from daemon import store
+from daemon.logconfig import MASK, is_secret_key, scrub_text
+from daemon.metrics import Metrics
+
+log = structlog.get_logger(__name__)
+
+MAX_BATCH = 1000
+MAX_TEXT = 4000  # a log row keeps at most this much of any one string
+
+
+def mask(value: Any, secrets: Iterable[str] = (), depth: int = 0) -> Any:
+    """``value`` with every secret masked (by key, by pattern and by the values given)."""
+    if depth > 10:
+        return MASK
+    if isinstance(value, str):
+        for secret in secrets:
+            if secret and secret in value:
+                value = value.replace(secret, MASK)
+        value = scrub_text(value)
+        return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + "…"
+    if isinstance(value, Mapping):
+        known = tuple(secrets)
+        return {
+            str(k): MASK if is_secret_key(k) and v not in (None, "") else mask(v, known, depth + 1)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        known = tuple(secrets)
+        return [mask(v, known, depth + 1) for v in value]
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """One attempt's outcome, as the dispatcher decided it.
+
+    ``status``: done | skipped | failed | pending (rescheduled). ``attempts_delta`` -1 undoes
+    the attempt counted at claim time (an attempt not made, or one that must not count).
+    ``delay_s`` None keeps ``next_attempt_at``. ``log`` is the integration_logs row, or
+    None when nothing was attempted. ``hold`` puts a hold (reason, detail) on the enterprise.
+    """
+
+    event_id: int
+    lease: str
+    status: str
+    attempts_delta: int = 0
+    delay_s: float | None = None
+    last_error: str | None = None
+    log: LogRow | None = None
+    hold: tuple[str, str, str] | None = None  # (enterprise, reason, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class LogRow:
+    """One ``integration_logs`` row (request/response already masked)."""
+
+    enterprise: str
+    event_type: str
+    request: Any
+    response: Any
+    ok: bool
+    error: str | None
+
+
+class OutcomeWriter:
+    """Writes settlements in batches (see the module docstring)."""
+
+    def __init__(self, pool: asyncpg.Pool, integration: str, metrics: Metrics) -> None:
+        self._pool = pool
+        self._integration = integration
+        self._metrics = metrics
+        self._pending: list[Settlement] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.fenced = 0
+
+    def put(self, settlement: Settlement) -> None:
+        """Queue one settlement for the next batch (never blocks)."""
+        self._pending.append(settlement)
+        self._idle.clear()
+        self._wake.set()
+
+    async def flushed(self) -> None:
+        """Wait until everything put so far is written."""
+        await self._idle.wait()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Write batches until ``stopping`` is set and nothing is left."""
+        while True:
+            if not self._pending:
+                self._idle.set()
+                if stopping.is_set():
+                    return
+                waiter = asyncio.ensure_future(self._wake.wait())
+                stopper = asyncio.ensure_future(stopping.wait())
+                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                stopper.cancel()
+                self._wake.clear()
+                continue
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+            await self._write_with_retry(batch, stopping)
+
+    async def _write_with_retry(self, batch: list[Settlement], stopping: asyncio.Event) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._write(batch)
+                return
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                # The leases keep the deliveries safe meanwhile; if they expire, the work is
+                # redone (at least once). Never drop a batch while the process lives.
+                log.warning("outcomes_write_failed", error=type(exc).__name__,
+                            batch=len(batch), retry_in_s=delay)
+                if stopping.is_set() and delay > 2:
+                    log.error("outcomes_abandoned", batch=len(batch))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _write(self, batch: list[Settlement]) -> None:
+        rows = [s.log for s in batch if s.log is not None]
+        holds = {s.hold for s in batch if s.hold is not None}
+        async with self._pool.acquire() as conn, conn.transaction():
+            settled = await conn.fetch(
+                store.SETTLE, self._integration,
+                [s.event_id for s in batch], [s.lease for s in batch],
+                [s.status for s in batch], [s.attempts_delta for s in batch],
+                [s.delay_s for s in batch], [s.last_error for s in batch],
+            )
+            if rows:
+                await conn.execute(
+                    store.INSERT_LOGS, self._integration,
+                    [r.enterprise for r in rows], [r.event_type for r in rows],
+                    [r.request for r in rows], [r.response for r in rows],
+                    ["success" if r.ok else "error" for r in rows], [r.error for r in rows],
+                )
+            for enterprise, reason, detail in sorted(holds):
+                await conn.execute(store.PUT_HOLD, enterprise, self._integration, reason, detail)
+        fenced = len(batch) - len(settled)
+        if fenced:
+            self.fenced += fenced
+            self._metrics.acks_lost.inc(fenced)
+            log.warning("outcomes_fenced", count=fenced)
+        self._metrics.log_rows.inc(len(rows))
+        self._metrics.log_flushes.inc()

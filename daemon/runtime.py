@@ -1,0 +1,152 @@
+"""The Runtime: every long-lived object of one process, built once and torn down in reverse.
+
+``build`` is the composition root's one place of construction (STYLE.md rules 1 and 2):
+pool, HTTP session, metrics registry, crypto, adapter, and — as later parts arrive — the
+config cache, listener, dispatcher and log writer. Each is set up with its teardown pushed
+onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+
+import aiohttp
+import asyncpg
+import structlog
+from aiohttp import web
+
+from daemon import __version__, db, retention, store
+from daemon.cache import ConfigCache
+from daemon.crypto import Crypto
+from daemon.dispatcher import Dispatcher
+from daemon.guards import Guards
+from daemon.integrations import load as load_adapter
+from daemon.integrations.base import Adapter, AdapterDeps
+from daemon.listener import Listener
+from daemon.logs import OutcomeWriter
+from daemon.metrics import Metrics
+from daemon.retry import Policy
+from daemon.settings import Settings
+from daemon.supervisor import Supervisor
+
+log = structlog.get_logger(__name__)
+
+HTTP_CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(slots=True)
+class Runtime:
+    """The process's long-lived objects. Built by ``build``; one per process (or per test)."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    http: aiohttp.ClientSession
+    metrics: Metrics
+    crypto: Crypto
+    adapter: Adapter
+    supervisor: Supervisor
+    cache: ConfigCache
+    guards: Guards
+    writer: OutcomeWriter
+    dispatcher: Dispatcher
+    listener: Listener | None
+    started_at: float = field(default_factory=time.time)
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+@asynccontextmanager
+async def build(settings: Settings) -> AsyncIterator[Runtime]:
+    """Set everything up; on exit stop the background tasks and tear down in reverse."""
+    async with AsyncExitStack() as stack:
+        pool = await db.create_pool(
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            command_timeout_s=settings.db_command_timeout_s,
+            application_name=f"crm-bridge:{settings.integration}",
+        )
+        stack.push_async_callback(pool.close)
+        http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=settings.attempt_timeout_s, connect=HTTP_CONNECT_TIMEOUT_S
+            ),
+            connector=aiohttp.TCPConnector(limit=max(100, settings.concurrency)),
+        )
+        stack.push_async_callback(http.close)
+        metrics = Metrics(settings.integration)
+        crypto = Crypto(settings.encryption_keys, settings.secret_key)
+        adapter = load_adapter(
+            settings.integration,
+            AdapterDeps(
+                crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
+                secret_key=settings.secret_key,
+            ),
+        )
+        supervisor = Supervisor()
+        cache = ConfigCache(pool, adapter, crypto, metrics, ttl_s=settings.config_ttl_s,
+                            refresh_s=settings.config_refresh_s)
+        stack.push_async_callback(cache.close)
+        guards = Guards({**adapter.rate_limits, **dict(settings.rate_limits)},
+                        settings.enterprise_concurrency, metrics)
+        writer = OutcomeWriter(pool, adapter.name, metrics)
+        dispatcher = Dispatcher(
+            pool, adapter, cache, guards, writer, metrics, instance_id=settings.instance_id,
+            http=http, policy=Policy(settings.max_attempts, settings.max_age_s),
+            concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
+            attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
+            grace_s=settings.shutdown_grace_s, notify=settings.notify,
+        )
+        listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
+        runtime = Runtime(
+            settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
+            adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
+            dispatcher=dispatcher, listener=listener,
+        )
+        metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
+        await store.register_integration(pool, adapter.name, adapter.event_types)
+        await cache.refresh_all("startup")
+        stack.push_async_callback(supervisor.cancel_all)
+        _start_tasks(runtime)
+        yield runtime
+
+
+def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
+              metrics: Metrics) -> Listener:
+    async def catch_up() -> None:
+        await cache.refresh_all("connect")
+        dispatcher.wake()
+
+    return Listener(
+        settings.database_url,
+        {"crm_events": dispatcher.doorbell, "crm_config": lambda p: on_config(cache, p)},
+        catch_up, metrics, probe_interval_s=settings.listener_probe_s,
+        command_timeout_s=settings.db_command_timeout_s,
+        application_name=f"crm-bridge:{settings.integration}:listener",
+    )
+
+
+def on_config(cache: ConfigCache, payload: str) -> None:
+    """``NOTIFY crm_config`` → reload that enterprise. A malformed payload raises (dropped)."""
+    enterprise = json.loads(payload)["enterprise"]
+    if not isinstance(enterprise, str) or not enterprise:
+        raise ValueError("crm_config payload without an enterprise")
+    cache.invalidate(enterprise)
+
+
+def _start_tasks(rt: Runtime) -> None:
+    s, stopping = rt.settings, rt.supervisor.stopping
+    spawn = rt.supervisor.spawn
+    if rt.listener is not None:
+        spawn("listener", rt.listener.run(stopping))
+    spawn("config-refresher", rt.cache.run_refresher(stopping))
+    spawn("dispatcher", rt.dispatcher.run(stopping))
+    spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
+    spawn("queue-stats", rt.dispatcher.run_stats(stopping))
+    spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
+                                         s.purge_interval_s, rt.metrics, stopping))

@@ -1,0 +1,324 @@
+"""All runtime SQL of crm-bridge, as named constants and the small functions that run them.
+
+Nothing else in the code base writes SQL (migrations live in ``sql/``). Each function takes a
+pool or a connection and returns plain values or records; none of them knows about HTTP,
+CRMs or caching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeAlias
+
+import asyncpg
+
+Executor: TypeAlias = "asyncpg.Pool | asyncpg.Connection"
+
+# ------------------------------------------------------------------ process
+
+PING = "SELECT 1"
+
+REGISTER_INTEGRATION = """
+INSERT INTO crm_integrations (integration_type, event_types)
+VALUES ($1, $2)
+ON CONFLICT (integration_type) DO UPDATE
+   SET event_types = EXCLUDED.event_types, last_seen_at = now()
+"""
+
+
+async def ping(db: Executor, timeout_s: float) -> None:
+    """One real round trip; raises when the database does not answer in ``timeout_s``."""
+    await db.fetchval(PING, timeout=timeout_s)
+
+
+async def register_integration(db: Executor, name: str, event_types: Iterable[str]) -> None:
+    """Tell the fan-out trigger that ``name`` is served and which event types it acts on."""
+    await db.execute(REGISTER_INTEGRATION, name, sorted(event_types))
+
+SERVED_INTEGRATIONS = "SELECT integration_type FROM crm_integrations ORDER BY 1"
+
+NOTIFICATION_QUEUE_USAGE = "SELECT pg_notification_queue_usage()"
+
+
+async def served_integrations(db: Executor) -> list[str]:
+    """The integrations some crm-bridge process has registered."""
+    return [r["integration_type"] for r in await db.fetch(SERVED_INTEGRATIONS)]
+
+
+# ------------------------------------------------------------------ configuration
+
+_ENTERPRISE_COLUMNS = """
+SELECT e.number, e.name2, e.active, e.integrations_config,
+       coalesce(h.holds, '{}'::jsonb) AS holds
+  FROM enterprises e
+  LEFT JOIN (SELECT enterprise_number, jsonb_object_agg(reason, detail) AS holds
+               FROM crm_holds WHERE integration_type = $1
+              GROUP BY enterprise_number) h ON h.enterprise_number = e.number
+"""
+
+LOAD_ENTERPRISE = _ENTERPRISE_COLUMNS + " WHERE e.number = $2"
+LOAD_ALL_ENTERPRISES = _ENTERPRISE_COLUMNS
+
+PUT_HOLD = """
+INSERT INTO crm_holds (enterprise_number, integration_type, reason, detail)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (enterprise_number, integration_type, reason)
+DO UPDATE SET detail = EXCLUDED.detail, created_at = now()
+"""
+
+LIFT_HOLD = """
+DELETE FROM crm_holds WHERE enterprise_number = $1 AND integration_type = $2 AND reason = $3
+"""
+
+
+async def load_enterprise(db: Executor, integration: str, number: str) -> asyncpg.Record | None:
+    """One enterprise's row with its holds of ``integration`` (None when it does not exist)."""
+    row: asyncpg.Record | None = await db.fetchrow(LOAD_ENTERPRISE, integration, number)
+    return row
+
+
+async def load_all_enterprises(db: Executor, integration: str) -> list[asyncpg.Record]:
+    """Every enterprise's row with its holds of ``integration``."""
+    rows: list[asyncpg.Record] = await db.fetch(LOAD_ALL_ENTERPRISES, integration)
+    return rows
+
+
+async def put_hold(db: Executor, number: str, integration: str, reason: str, detail: str) -> None:
+    """Hold ``number``'s deliveries of ``integration`` (see sql/002_delivery_holds.sql)."""
+    await db.execute(PUT_HOLD, number, integration, reason, detail)
+
+
+async def lift_hold(db: Executor, number: str, integration: str, reason: str) -> bool:
+    """Remove one hold; True when there was one."""
+    status: str = await db.execute(LIFT_HOLD, number, integration, reason)
+    return status != "DELETE 0"
+
+
+# Merge ``$3`` into one integration's key of integrations_config (created when absent). Other
+# keys of the column are neither read nor written: other services write them concurrently.
+MERGE_INTEGRATION_CONFIG = """
+UPDATE enterprises
+   SET integrations_config = jsonb_set(
+           integrations_config, ARRAY[$2::text],
+           coalesce(integrations_config -> $2::text, '{}'::jsonb) || $3::jsonb, true)
+ WHERE number = $1
+RETURNING integrations_config -> $2::text
+"""
+
+READ_INTEGRATION_CONFIG = """
+SELECT integrations_config -> $2::text FROM enterprises WHERE number = $1
+"""
+
+BUMP_INTEGRATION_COUNTER = """
+UPDATE enterprises
+   SET integrations_config = jsonb_set(
+           integrations_config, ARRAY[$2::text, $3::text],
+           to_jsonb(coalesce((integrations_config -> $2::text ->> $3::text)::int, 0) + 1), true)
+ WHERE number = $1 AND integrations_config ? $2::text
+RETURNING (integrations_config -> $2::text ->> $3::text)::int
+"""
+
+
+async def merge_integration_config(
+    db: Executor, enterprise: str, integration: str, values: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """Set ``values`` in ``integrations_config[integration]``; the new value (None: no such
+    enterprise)."""
+    value = await db.fetchval(MERGE_INTEGRATION_CONFIG, enterprise, integration, dict(values))
+    return None if value is None else dict(value)
+
+
+async def read_integration_config(
+    db: Executor, enterprise: str, integration: str
+) -> dict[str, Any] | None:
+    """``integrations_config[integration]`` as stored, or None."""
+    value = await db.fetchval(READ_INTEGRATION_CONFIG, enterprise, integration)
+    return None if value is None else dict(value)
+
+
+async def bump_integration_counter(
+    db: Executor, enterprise: str, integration: str, key: str
+) -> int | None:
+    """``integrations_config[integration][key] += 1`` in one statement; the new value."""
+    value: int | None = await db.fetchval(BUMP_INTEGRATION_COUNTER, enterprise, integration, key)
+    return value
+
+
+# ------------------------------------------------------------------ ingest
+
+INSERT_EVENT = """
+INSERT INTO crm_events (enterprise_number, event_type, unique_id, payload, record_url, origin)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+
+
+async def insert_event(
+    db: Executor, enterprise: str, event_type: str, unique_id: str, payload: object,
+    record_url: str | None, origin: str,
+) -> int | None:
+    """Store one event (the fan-out triggers run); its id, or None for a duplicate/dropped one."""
+    event_id: int | None = await db.fetchval(
+        INSERT_EVENT, enterprise, event_type, unique_id, payload, record_url, origin
+    )
+    return event_id
+
+
+# ------------------------------------------------------------------ delivery queue
+
+# Due deliveries of one integration, oldest first, skipping what another instance holds,
+# what a held enterprise owns, and any delivery whose call has an earlier one still
+# pending (per-call order). Takes a lease and counts the attempt in the same statement.
+CLAIM = """
+WITH due AS (
+    SELECT d.event_id, d.locked_until IS NOT NULL AS reclaimed
+      FROM crm_deliveries d
+     WHERE d.integration_type = $1
+       AND d.status = 'pending'
+       AND d.next_attempt_at <= now()
+       AND (d.locked_until IS NULL OR d.locked_until < now())
+       AND d.enterprise_number <> ALL ($3::text[])
+       AND NOT EXISTS (
+               SELECT 1 FROM crm_deliveries p
+                WHERE p.integration_type = d.integration_type
+                  AND p.enterprise_number = d.enterprise_number
+                  AND p.unique_id = d.unique_id
+                  AND p.status = 'pending'
+                  AND p.event_id < d.event_id)
+     ORDER BY d.next_attempt_at, d.event_id
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+), taken AS (
+    UPDATE crm_deliveries d
+       SET locked_until = now() + make_interval(secs => $4),
+           locked_by = $5,
+           attempts = d.attempts + 1
+      FROM due
+     WHERE d.integration_type = $1 AND d.event_id = due.event_id
+ RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed,
+           extract(epoch FROM d.locked_until - now())::float8 AS lease_s
+)
+SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.lease_s,
+       e.enterprise_number, e.event_type, e.unique_id, e.payload, e.record_url, e.origin,
+       e.received_at
+  FROM taken t
+  JOIN crm_events e ON e.id = t.event_id
+ ORDER BY t.event_id
+"""
+
+# Settle a batch: each row's outcome, fenced by the lease it was claimed under (a row whose
+# lease another instance has taken over is left alone). status 'pending' reschedules:
+# delay_s NULL keeps next_attempt_at, attempts_delta -1 un-counts an attempt not made.
+SETTLE = """
+WITH o AS (
+    SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::float8[],
+                         $7::text[])
+        AS o(event_id, lease, status, attempts_delta, delay_s, last_error)
+)
+UPDATE crm_deliveries d
+   SET status = o.status,
+       attempts = d.attempts + o.attempts_delta,
+       next_attempt_at = CASE WHEN o.delay_s IS NULL THEN d.next_attempt_at
+                              ELSE now() + make_interval(secs => o.delay_s) END,
+       last_error = coalesce(o.last_error, d.last_error),
+       delivered_at = CASE WHEN o.status = 'done' THEN now() ELSE d.delivered_at END,
+       locked_until = NULL,
+       locked_by = NULL
+  FROM o
+ WHERE d.integration_type = $1
+   AND d.event_id = o.event_id
+   AND d.locked_by = o.lease
+   AND d.status = 'pending'
+RETURNING d.event_id
+"""
+
+INSERT_LOGS = """
+INSERT INTO integration_logs (enterprise_number, integration_type, event_type, request_data,
+                              response_data, status, error_message)
+SELECT o.enterprise_number, $1, o.event_type, o.request_data, o.response_data, o.status,
+       o.error_message
+  FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::text[])
+    AS o(enterprise_number, event_type, request_data, response_data, status, error_message)
+"""
+
+CALL_EVENTS = """
+SELECT id, event_type, unique_id, payload, record_url, origin, received_at
+  FROM crm_events
+ WHERE enterprise_number = $1 AND unique_id = $2
+ ORDER BY id
+"""
+
+QUEUE_STATS = """
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+       coalesce(extract(epoch FROM now() - min(next_attempt_at)
+                FILTER (WHERE status = 'pending' AND next_attempt_at <= now()
+                          AND (locked_until IS NULL OR locked_until < now()))), 0)::float8
+           AS oldest_due_s,
+       count(*) FILTER (WHERE status = 'failed') AS failed
+  FROM crm_deliveries
+ WHERE integration_type = $1 AND status IN ('pending', 'failed')
+"""
+
+RING = "SELECT pg_notify('crm_events', '')"
+
+
+async def call_events(db: Executor, enterprise: str, unique_id: str) -> list[asyncpg.Record]:
+    """Every stored event of one call, in arrival order."""
+    rows: list[asyncpg.Record] = await db.fetch(CALL_EVENTS, enterprise, unique_id)
+    return rows
+
+
+# ------------------------------------------------------------------ operations
+
+# Events old enough, none of whose call's deliveries still needs them (pending, or failed
+# and so replayable), a small batch at a time.
+PURGE_BATCH = """
+DELETE FROM crm_events
+ WHERE id IN (
+       SELECT e.id FROM crm_events e
+        WHERE e.received_at < now() - make_interval(secs => $1)
+          AND NOT EXISTS (
+                SELECT 1 FROM crm_deliveries d
+                 WHERE d.enterprise_number = e.enterprise_number
+                   AND d.unique_id = e.unique_id
+                   AND d.status IN ('pending', 'failed'))
+        ORDER BY e.received_at
+        LIMIT $2)
+"""
+
+REPLAY = """
+WITH picked AS (
+    UPDATE crm_deliveries d
+       SET status = 'pending', attempts = 0, queued_at = now(), next_attempt_at = now(),
+           last_error = NULL, locked_until = NULL, locked_by = NULL
+      FROM crm_events e
+     WHERE e.id = d.event_id
+       AND d.integration_type = $1
+       AND d.status = ANY ($2::text[])
+       AND ($3::text IS NULL OR d.enterprise_number = $3)
+       AND ($4::timestamptz IS NULL OR e.received_at >= $4)
+       AND ($5::timestamptz IS NULL OR e.received_at < $5)
+       AND ($6::text IS NULL OR d.unique_id = $6)
+    RETURNING d.event_id
+)
+SELECT count(*) FROM picked
+"""
+
+
+async def purge(db: Executor, retention_s: float, batch: int) -> int:
+    """Delete one batch of expired events (their deliveries go with them); how many."""
+    status: str = await db.execute(PURGE_BATCH, retention_s, batch)
+    return int(status.split()[-1])
+
+
+# ------------------------------------------------------------------ platform directory
+
+INTERNAL_NUMBERS = """
+SELECT phone_number FROM user_internal_phones WHERE enterprise_number = $1 ORDER BY phone_number
+"""
+
+
+async def internal_numbers(db: Executor, enterprise: str) -> list[str]:
+    """The enterprise's internal numbers (extensions)."""
+    return [r["phone_number"] for r in await db.fetch(INTERNAL_NUMBERS, enterprise)]

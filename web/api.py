@@ -1,0 +1,135 @@
+"""The service API (service-token authenticated): event ingest, config cache, enablement, stats.
+
+Contracts are in docs/api.md. Every answer is JSON; errors carry ``error`` (a stable id),
+``message`` and ``details.field`` for bad input.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from daemon.cache import Entry
+from daemon.ingest import FieldError, IncomingEvent, UnknownToken, accept, parse_envelope, parse_raw
+from daemon.runtime import RUNTIME, Runtime
+from web.auth import require_service_token
+from web.middlewares import HttpError, field_error
+
+routes = web.RouteTableDef()
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise field_error("body", "is not valid JSON") from None
+
+
+async def _ingest(request: web.Request, parsed: IncomingEvent | str) -> web.Response:
+    runtime = request.app[RUNTIME]
+    if isinstance(parsed, str):
+        runtime.metrics.events_ingested.labels("ignored").inc()
+        return web.json_response({"accepted": True, "stored": False, "ignored": parsed},
+                                 status=202)
+    try:
+        result = await accept(runtime.pool, runtime.cache.matrix, parsed)
+    except UnknownToken:
+        runtime.metrics.events_ingested.labels("unknown_token").inc()
+        raise HttpError(404, "unknown_token", "no enterprise has this token",
+                        {"field": "token"}) from None
+    runtime.metrics.events_ingested.labels("stored" if result.stored else "not_stored").inc()
+    return web.json_response(result.body(), status=202)
+
+
+@routes.post("/api/events")
+async def post_event(request: web.Request) -> web.Response:
+    """The platform's envelope ``{token, uniqueId, event_type, raw, record_url?, origin?}``."""
+    require_service_token(request)
+    try:
+        parsed = parse_envelope(await _json_body(request))
+    except FieldError as exc:
+        raise field_error(exc.field, exc.message) from None
+    return await _ingest(request, parsed)
+
+
+@routes.post("/api/events/{event_type}")
+async def post_raw_event(request: web.Request) -> web.Response:
+    """A raw Asterisk body (with ``Token`` and ``UniqueId``)."""
+    require_service_token(request)
+    try:
+        parsed = parse_raw(request.match_info["event_type"], await _json_body(request))
+    except FieldError as exc:
+        raise field_error(exc.field, exc.message) from None
+    return await _ingest(request, parsed)
+
+
+def _describe(runtime: Runtime, entry: Entry) -> dict[str, Any]:
+    return {
+        "enterprise": entry.enterprise,
+        "active": entry.active,
+        "enabled": sorted(entry.enabled_types),
+        "serves": entry.serves,
+        "integration": runtime.adapter.name,
+        "held": entry.held,
+        "invalid": entry.invalid,
+    }
+
+
+@routes.post("/api/config-cache/refresh/{enterprise}")
+async def refresh_one(request: web.Request) -> web.Response:
+    """Reload one enterprise now (single-flight with any load already running)."""
+    require_service_token(request)
+    runtime = request.app[RUNTIME]
+    enterprise = request.match_info["enterprise"]
+    entry = await runtime.cache.load(enterprise, "manual")
+    if entry is None:
+        raise HttpError(404, "unknown_enterprise", "no such enterprise", {"field": "enterprise"})
+    return web.json_response(_describe(runtime, entry))
+
+
+@routes.post("/api/config-cache/refresh-all")
+async def refresh_all(request: web.Request) -> web.Response:
+    """Reload every enterprise and swap the cache."""
+    require_service_token(request)
+    count = await request.app[RUNTIME].cache.refresh_all("manual")
+    return web.json_response({"entries": count})
+
+
+@routes.get("/api/config-cache/active-enterprises")
+async def active_enterprises(request: web.Request) -> web.Response:
+    """Enterprises this process delivers for (integration enabled, valid, enterprise active)."""
+    require_service_token(request)
+    runtime = request.app[RUNTIME]
+    serving = sorted(e.enterprise for e in runtime.cache.entries() if e.serves)
+    return web.json_response({"integration": runtime.adapter.name, "enterprises": serving})
+
+
+@routes.get("/api/enablement/{enterprise}")
+async def enablement(request: web.Request) -> web.Response:
+    """Which integration types are enabled for an enterprise (from memory)."""
+    require_service_token(request)
+    runtime = request.app[RUNTIME]
+    enterprise = request.match_info["enterprise"]
+    enabled = runtime.cache.matrix.enabled(enterprise)
+    if enabled is None:
+        raise HttpError(404, "unknown_enterprise", "no such enterprise", {"field": "enterprise"})
+    return web.json_response({"enterprise": enterprise, "enabled": sorted(enabled)})
+
+
+@routes.get("/stats")
+async def stats(request: web.Request) -> web.Response:
+    """Listener, cache, dispatcher and guard state (operators; service token)."""
+    require_service_token(request)
+    runtime = request.app[RUNTIME]
+    body = {
+        "integration": runtime.adapter.name,
+        "instance": runtime.settings.instance_id,
+        "tasks": runtime.supervisor.names,
+        "listener": runtime.listener.stats() if runtime.listener else {"mode": "poll-only"},
+        "cache": runtime.cache.stats(),
+        "dispatcher": runtime.dispatcher.stats(),
+        "guards": runtime.guards.stats(),
+    }
+    return web.json_response(body)
