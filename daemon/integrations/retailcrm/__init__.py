@@ -1,1 +1,202 @@
-"""The RetailCRM (Simla.com) adapter."""
+"""The RetailCRM (Simla.com) adapter: the glue between the core and RetailCRM.
+
+The pieces (STYLE.md rule 7): ``config`` (the stored settings), ``events`` (pure mapping),
+``client`` (the dumb HTTP client), ``module`` (the telephony module we register),
+``extensions`` (managers ↔ internal numbers), ``http`` (RetailCRM's callbacks to us) and
+``simulator`` (a strict stand-in for tests and demos). This file implements the core's
+``Adapter`` protocol with them.
+
+Delivery: each event is mapped with its call's stored events (never process memory) into a
+``call/event`` and/or one ``calls/upload`` item. Hangups and downloads of one enterprise
+claimed together (a backlog) are delivered as one batch: their popups one by one, their
+uploads in requests of at most 50.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import structlog
+from aiohttp import web
+
+from daemon import store
+from daemon.calls import StoredEvent, parse_call, parse_event
+from daemon.errors import DeliveryError, Permanent
+from daemon.integrations.base import (
+    AdapterDeps,
+    Delivered,
+    DeliveryContext,
+    IntegrationConfig,
+    Outcome,
+    Skipped,
+)
+from daemon.integrations.retailcrm import config as cfg
+from daemon.integrations.retailcrm.client import MAX_UPLOAD_BATCH, RetailCrmClient
+from daemon.integrations.retailcrm.events import MappingOptions, Plan, batches, plan
+
+log = structlog.get_logger(__name__)
+
+NAME = cfg.KEY
+INTERNAL_NUMBERS_TTL_S = 60.0
+TELEPHONY_PREFIX = "/api/v5/telephony"
+
+__all__ = ["NAME", "RetailCrmAdapter", "create_adapter"]
+
+
+class RetailCrmAdapter:
+    """The ``Adapter`` of RetailCRM (see the module docstring)."""
+
+    name = NAME
+    event_types = frozenset({"dial", "hangup", "download"})
+    # RetailCRM's documented client-side limits per API key (RETAILCRM.md).
+    rate_limits: Mapping[str, float] = {"default": 10.0, "telephony": 40.0}
+    max_batch = MAX_UPLOAD_BATCH
+
+    def __init__(self, deps: AdapterDeps) -> None:
+        self.deps = deps
+        self._internal: dict[str, tuple[float, frozenset[str]]] = {}
+
+    # ------------------------------------------------------------------ protocol
+
+    def rate_class(self, path: str) -> str:
+        """``telephony`` for paths under /api/v5/telephony, else ``default``."""
+        return "telephony" if path.startswith(TELEPHONY_PREFIX) else "default"
+
+    def parse_config(self, raw: Mapping[str, Any]) -> cfg.RetailCrmConfig:
+        """Validate ``integrations_config['retailcrm']`` (decrypting its secrets)."""
+        return cfg.parse(raw, self.deps.crypto)
+
+    def batch_key(self, event: StoredEvent, config: IntegrationConfig) -> str | None:
+        """Upload-only deliveries of one enterprise share upload requests: downloads (the
+        recovery backlog), and hangups when hangup popups are off. A hangup with a popup is
+        delivered alone, so a batch is one request and always fits the attempt timeout."""
+        if event.event_type == "download":
+            return "calls"
+        if event.event_type == "hangup" and isinstance(config, cfg.RetailCrmConfig):
+            return None if config.popup_hangup else "calls"
+        return None
+
+    def client(self, config: cfg.RetailCrmConfig, ctx: DeliveryContext | None = None,
+               timeout_s: float = 3.0) -> RetailCrmClient:
+        """A client for one enterprise's account (recording exchanges into ``ctx``)."""
+        if ctx is None:
+            return RetailCrmClient(self.deps.http, config.domain, config.api_key,
+                                   timeout_s=timeout_s)
+        return RetailCrmClient(self.deps.http, config.domain, config.api_key,
+                               timeout_s=ctx.timeout_s, gate=ctx.gate, on_exchange=ctx.record)
+
+    async def deliver(self, ctx: DeliveryContext) -> Outcome:
+        """Map one event with its call and send what the mapping says."""
+        (result,) = await self.deliver_batch([ctx])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def deliver_batch(
+        self, ctxs: Sequence[DeliveryContext]
+    ) -> list[Outcome | DeliveryError]:
+        """Deliver several events of one enterprise; one result per context, in order.
+
+        Popups go one by one; upload items go together, at most 50 per request. A batch
+        the API refuses as a whole is retried item by item, so one bad item fails alone.
+        """
+        results: list[Outcome | DeliveryError | None] = [None] * len(ctxs)
+        uploads: list[tuple[int, dict[str, Any]]] = []
+        for i, ctx in enumerate(ctxs):
+            try:
+                planned = await self._plan(ctx)
+                if planned.skipped:
+                    results[i] = Skipped(planned.skipped)
+                    continue
+                if planned.event is not None:
+                    await self.client(_config(ctx), ctx).call_event(planned.event)
+                if planned.upload is not None:
+                    uploads.append((i, planned.upload))
+                else:
+                    results[i] = Delivered("call event sent")
+            except DeliveryError as exc:
+                results[i] = exc
+        if uploads:
+            await self._upload(ctxs, uploads, results)
+        return [r if r is not None else Permanent("nothing decided") for r in results]
+
+    async def _plan(self, ctx: DeliveryContext) -> Plan:
+        config = _config(ctx)
+        current = parse_event(ctx.event)
+        events, _rejected = parse_call(await ctx.load_call())
+        options = await self.options(ctx.enterprise, config)
+        planned = plan(current, events, options)
+        if planned.phone_unparsed:
+            log.info("phone_not_normalised", unique_id=ctx.event.unique_id)
+        return planned
+
+    async def _upload(
+        self,
+        ctxs: Sequence[DeliveryContext],
+        uploads: list[tuple[int, dict[str, Any]]],
+        results: list[Outcome | DeliveryError | None],
+    ) -> None:
+        for chunk in batches(uploads, MAX_UPLOAD_BATCH):
+            first = ctxs[chunk[0][0]]
+            try:
+                answer = await self.client(_config(first), first).upload_calls(
+                    [item for _i, item in chunk])
+            except Permanent as exc:
+                if len(chunk) == 1:
+                    results[chunk[0][0]] = exc
+                    continue
+                for index, item in chunk:  # find the one bad item; the others go through
+                    await self._upload(ctxs, [(index, item)], results)
+                continue
+            except DeliveryError as exc:
+                for index, _item in chunk:
+                    results[index] = exc
+                continue
+            duplicates = set(map(str, answer.get("duplicateCalls") or []))
+            for index, item in chunk:
+                if index != chunk[0][0]:
+                    ctxs[index].exchanges.extend(first.exchanges[-1:])
+                seen = str(item.get("externalId")) in duplicates
+                results[index] = Delivered("call already uploaded" if seen else "call uploaded")
+
+    async def options(self, enterprise: str, config: cfg.RetailCrmConfig) -> MappingOptions:
+        """The mapping options of one enterprise (its internal numbers cached briefly)."""
+        return MappingOptions(
+            host_zone=ZoneInfo(config.time_zone), crm_zone=ZoneInfo(config.crm_time_zone),
+            region=config.region, popup_incoming=config.popup_incoming,
+            popup_outgoing=config.popup_outgoing, popup_hangup=config.popup_hangup,
+            upload_history=config.upload_history, upload_recordings=config.upload_recordings,
+            log_internal=config.log_internal, user_extensions=config.user_extensions,
+            internal_numbers=await self.internal_numbers(enterprise),
+            external_phones=config.external_phones,
+        )
+
+    async def internal_numbers(self, enterprise: str) -> frozenset[str]:
+        """This enterprise's extensions (``user_internal_phones``), cached for a minute."""
+        cached = self._internal.get(enterprise)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        numbers = frozenset(await store.internal_numbers(self.deps.pool, enterprise))
+        self._internal[enterprise] = (now + INTERNAL_NUMBERS_TTL_S, numbers)
+        return numbers
+
+    def routes(self) -> Sequence[web.AbstractRouteDef]:
+        """RetailCRM's callbacks (mounted under /retailcrm/)."""
+        from daemon.integrations.retailcrm import http
+
+        return http.routes
+
+
+def _config(ctx: DeliveryContext) -> cfg.RetailCrmConfig:
+    config = ctx.config
+    assert isinstance(config, cfg.RetailCrmConfig)
+    return config
+
+
+def create_adapter(deps: AdapterDeps) -> RetailCrmAdapter:
+    """Build the adapter (the loader's entry point)."""
+    return RetailCrmAdapter(deps)

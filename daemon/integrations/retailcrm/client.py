@@ -18,7 +18,6 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlencode
 
@@ -26,6 +25,7 @@ import aiohttp
 from yarl import URL
 
 from daemon import errors
+from daemon.integrations.base import Exchange
 
 MAX_UPLOAD_BATCH: Final = 50
 USERS_PAGE_LIMIT: Final = 100
@@ -43,23 +43,6 @@ _CODE_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 RequestGate = Callable[[str], Awaitable[None]]
 """Awaited with the API path before every request; may raise ``Retryable(rate_limited=True)``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """One HTTP round trip, as the caller records it in its attempt log. Never holds the key.
-
-    ``request`` is the query (GET) or the form fields (POST) with JSON-string fields decoded
-    back to objects; ``status`` is None when no answer came (timeout, connection error);
-    ``response`` is the parsed JSON body, or a short excerpt of a body that is not JSON.
-    """
-
-    method: str
-    path: str
-    request: dict[str, Any]
-    status: int | None
-    response: Any
-    duration_s: float
 
 
 class _NotJson:

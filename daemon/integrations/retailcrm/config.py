@@ -1,0 +1,209 @@
+"""``integrations_config->'retailcrm'``: parsed, validated, frozen; and how it is written.
+
+Stored shape (flat; every key optional except where noted)::
+
+    {"enabled": true,
+     "domain": "https://demo.retailcrm.ru",        # required when enabled
+     "api_key": "<Fernet token>",                  # required when enabled; encrypted at rest
+     "popup_incoming": true, "popup_outgoing": true, "popup_hangup": true,
+     "upload_history": true, "upload_recordings": true, "log_internal": false,
+     "time_zone": "Europe/Minsk",                  # the Asterisk hosts' local time
+     "crm_time_zone": "Europe/Minsk",              # the RetailCRM account's (default: time_zone)
+     "region": "BY",                               # default phone region
+     "user_extensions": {"12": "151"},             # RetailCRM user id -> internal number
+     "external_phones": {"0001363": "+375172000000"},  # trunk -> the line's own number
+     "site_code": "main",                          # for the module's externalPhones
+     "client_id": "<Fernet token>",                # what RetailCRM sends back in callbacks
+     "token_version": 1, "last_sync": "2026-11-26T12:00:00+00:00", "sync_pending": false}
+
+Every write goes through ``write_keys`` (``store.MERGE_INTEGRATION_CONFIG``): one statement
+that changes only the ``retailcrm`` key, never a read-modify-write of the whole column, which
+other integrations' services write too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from daemon import phones, store
+from daemon.crypto import Crypto
+from daemon.errors import ConfigError
+from daemon.store import Executor
+
+KEY = "retailcrm"
+DEFAULT_TIME_ZONE = "Europe/Minsk"
+SWITCHES = ("popup_incoming", "popup_outgoing", "popup_hangup", "upload_history",
+            "upload_recordings")
+_EXTENSION = re.compile(r"^[0-9*#+]{1,20}$")
+_USER_ID = re.compile(r"^[0-9]{1,12}$")
+
+
+@dataclass(frozen=True, slots=True)
+class RetailCrmConfig:
+    """One enterprise's RetailCRM settings (secrets decrypted, masked in ``repr``)."""
+
+    enabled: bool
+    domain: str
+    api_key: str = field(repr=False)
+    popup_incoming: bool = True
+    popup_outgoing: bool = True
+    popup_hangup: bool = True
+    upload_history: bool = True
+    upload_recordings: bool = True
+    log_internal: bool = False
+    time_zone: str = DEFAULT_TIME_ZONE
+    crm_time_zone: str = DEFAULT_TIME_ZONE
+    region: str = phones.DEFAULT_REGION
+    user_extensions: Mapping[str, str] = field(default_factory=dict)
+    external_phones: Mapping[str, str] = field(default_factory=dict)
+    site_code: str | None = None
+    client_id: str | None = field(default=None, repr=False)
+    token_version: int = 0
+    last_sync: str | None = None
+    sync_pending: bool = False
+
+    @property
+    def callback_secret(self) -> str | None:
+        """RetailCRM's ``clientId``: the only credential of its callbacks."""
+        return self.client_id
+
+    def secrets(self) -> tuple[str, ...]:
+        """Values that must never be logged or stored in clear."""
+        return tuple(s for s in (self.api_key, self.client_id) if s)
+
+
+def normalize_domain(raw: str) -> str:
+    """``demo.retailcrm.ru/`` → ``https://demo.retailcrm.ru``; https only, but plain http
+    for loopback addresses (the simulator). Raises ``ConfigError('domain')``."""
+    value = raw.strip()
+    if not value:
+        raise ConfigError("domain", "is required")
+    if "://" not in value:
+        value = "https://" + value
+    parts = urlsplit(value)
+    host = (parts.hostname or "").lower()
+    if not host or parts.username or parts.password:
+        raise ConfigError("domain", "expected the account address, e.g. https://demo.retailcrm.ru")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ConfigError("domain", "expected the account address without a path")
+    if parts.scheme == "http" and not _loopback(host):
+        raise ConfigError("domain", "must use https")
+    if parts.scheme not in {"http", "https"}:
+        raise ConfigError("domain", "must use https")
+    port = f":{parts.port}" if parts.port else ""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}{port}"
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(key, "expected true or false")
+    return value
+
+
+def _zone(raw: Mapping[str, Any], key: str, default: str) -> str:
+    value = raw.get(key) or default
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected an IANA time zone name such as Europe/Minsk")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(key, f"unknown time zone {value[:60]!r}") from None
+    return value
+
+
+def _mapping(raw: Mapping[str, Any], key: str, check_key: re.Pattern[str],
+             check_value: re.Pattern[str] | None) -> dict[str, str]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(key, "expected an object")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(v, str | int) or isinstance(v, bool) or not check_key.match(str(k)):
+            raise ConfigError(f"{key}.{str(k)[:20]}", "malformed entry")
+        if check_value is not None and not check_value.match(str(v)):
+            raise ConfigError(f"{key}.{str(k)[:20]}", f"malformed value {str(v)[:20]!r}")
+        out[str(k)] = str(v)
+    return out
+
+
+def parse(raw: Mapping[str, Any], crypto: Crypto) -> RetailCrmConfig:
+    """Validate a stored config; ``ConfigError`` names the first bad field.
+
+    A disabled config may be incomplete (no domain, no key yet); an enabled one may not.
+    """
+    enabled = _bool(raw, "enabled", False)
+    domain_raw = raw.get("domain")
+    if domain_raw is not None and not isinstance(domain_raw, str):
+        raise ConfigError("domain", "expected a string")
+    domain = normalize_domain(domain_raw) if domain_raw else ""
+    token = raw.get("api_key")
+    if token is not None and not isinstance(token, str):
+        raise ConfigError("api_key", "expected the encrypted key as a string")
+    api_key = crypto.decrypt(token, field="api_key") if token else ""
+    if enabled and not (domain and api_key):
+        raise ConfigError("domain" if not domain else "api_key", "is required when enabled")
+    client_token = raw.get("client_id")
+    if client_token is not None and not isinstance(client_token, str):
+        raise ConfigError("client_id", "expected the encrypted clientId as a string")
+    region = raw.get("region") or phones.DEFAULT_REGION
+    if not isinstance(region, str) or not phones.is_valid_region(region):
+        raise ConfigError("region", "expected a two-letter country code such as BY")
+    time_zone = _zone(raw, "time_zone", DEFAULT_TIME_ZONE)
+    version = raw.get("token_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigError("token_version", "expected a non-negative integer")
+    site = raw.get("site_code")
+    if site is not None and not isinstance(site, str):
+        raise ConfigError("site_code", "expected a string")
+    return RetailCrmConfig(
+        enabled=enabled, domain=domain, api_key=api_key,
+        **{k: _bool(raw, k, True) for k in SWITCHES},
+        log_internal=_bool(raw, "log_internal", False),
+        time_zone=time_zone, crm_time_zone=_zone(raw, "crm_time_zone", time_zone),
+        region=region.upper().strip(),
+        user_extensions=_mapping(raw, "user_extensions", _USER_ID, _EXTENSION),
+        external_phones=_mapping(raw, "external_phones", re.compile(r"^.{1,40}$"), None),
+        site_code=site or None,
+        client_id=crypto.decrypt(client_token, field="client_id") if client_token else None,
+        token_version=version,
+        last_sync=raw.get("last_sync") if isinstance(raw.get("last_sync"), str) else None,
+        sync_pending=raw.get("sync_pending") is True,
+    )
+
+
+# ---------------------------------------------------------------------- writing
+
+
+async def write_keys(
+    db: Executor, enterprise: str, values: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """Set ``values`` inside ``integrations_config->'retailcrm'`` (one statement, that key
+    only); the new stored value, or None when the enterprise does not exist."""
+    return await store.merge_integration_config(db, enterprise, KEY, values)
+
+
+async def read_raw(db: Executor, enterprise: str) -> dict[str, Any] | None:
+    """The stored (still encrypted) retailcrm key, or None."""
+    return await store.read_integration_config(db, enterprise, KEY)
+
+
+async def bump_token_version(db: Executor, enterprise: str) -> int | None:
+    """token_version + 1, atomically: every admin link issued before is revoked."""
+    return await store.bump_integration_counter(db, enterprise, KEY, "token_version")

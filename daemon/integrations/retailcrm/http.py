@@ -1,0 +1,78 @@
+"""RetailCRM's callbacks to us, mounted under ``/retailcrm/``.
+
+None of them is signed: the ``clientId`` RetailCRM sends is the only credential. It is a
+256-bit random secret per enterprise (never the enterprise number), looked up through its
+keyed fingerprint, so a guess costs the same whether it is close or not. An unknown or
+missing ``clientId`` is answered 403 with RetailCRM's error shape and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon import store
+from daemon.integrations.retailcrm.config import KEY
+from daemon.runtime import RUNTIME
+
+log = structlog.get_logger(__name__)
+
+routes = web.RouteTableDef()
+
+DEACTIVATED = "deactivated"
+
+
+def _error(status: int, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"success": False, "errorMsg": message}
+    if field:
+        body["errors"] = {field: message}
+    return web.json_response(body, status=status)
+
+
+async def _params(request: web.Request) -> dict[str, str]:
+    params = dict(request.query)
+    if request.method == "POST" and request.content_type in (
+        "application/x-www-form-urlencoded", "multipart/form-data"
+    ):
+        params.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
+    return params
+
+
+def _enterprise(request: web.Request, params: dict[str, str]) -> str | None:
+    client_id = params.get("clientId", "")
+    if not client_id:
+        return None
+    return request.app[RUNTIME].cache.matrix.by_secret(client_id)
+
+
+@routes.post("/actions/activity")
+async def activity(request: web.Request) -> web.Response:
+    """The module was (de)activated or (un)frozen in RetailCRM: pause or resume delivery.
+
+    Deliveries of a deactivated or frozen module wait (a ``deactivated`` hold), they do not
+    fail; they go out once RetailCRM reports the module active and not frozen again.
+    """
+    params = await _params(request)
+    enterprise = _enterprise(request, params)
+    if enterprise is None:
+        return _error(403, "unknown clientId", "clientId")
+    try:
+        state = json.loads(params.get("activity", ""))
+        active, freeze = state["active"], state.get("freeze", False)
+        if not isinstance(active, bool) or not isinstance(freeze, bool):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        return _error(400, 'activity: expected {"active": bool, "freeze": bool}', "activity")
+    pool = request.app[RUNTIME].pool
+    if active and not freeze:
+        lifted = await store.lift_hold(pool, enterprise, KEY, DEACTIVATED)
+        if lifted:
+            log.info("module_reactivated", enterprise=enterprise)
+    else:
+        reason = "frozen in RetailCRM" if freeze else "deactivated in RetailCRM"
+        await store.put_hold(pool, enterprise, KEY, DEACTIVATED, reason)
+        log.warning("module_deactivated", enterprise=enterprise, active=active, freeze=freeze)
+    return web.json_response({"success": True})
