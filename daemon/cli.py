@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, logconfig, runtime
+from daemon import __version__, db, logconfig, retention, runtime, store
+from daemon.integrations import available, module_name
 from daemon.migrate import MigrationError, find_sql_dir, load_migrations, migrate
 from daemon.settings import Settings, SettingsError, load, load_database
 
@@ -40,14 +43,51 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate settings and reach the database")
     check.add_argument("--integration")
     sub.add_parser("genkey", help="print a new key for CRM_BRIDGE_ENCRYPTION_KEYS")
+    replay = sub.add_parser("replay", help="put failed deliveries back in the queue")
+    replay.add_argument("--integration")
+    replay.add_argument("--enterprise", help="only this enterprise")
+    replay.add_argument("--since", type=_timestamp, help="events received at or after (ISO 8601)")
+    replay.add_argument("--until", type=_timestamp, help="events received before (ISO 8601)")
+    replay.add_argument("--status", choices=["failed", "skipped"], action="append",
+                        help="which settled deliveries (default: failed)")
+    replay.add_argument("--call", help="only this call (its UniqueId)")
+    purge = sub.add_parser("purge", help="delete delivered events older than the retention")
+    purge.add_argument("--older-than-days", type=float,
+                       help="override CRM_BRIDGE_RETENTION_DAYS for this run")
+    for name in available():
+        _adapter_commands(sub, name)
     return parser
+
+
+def _adapter_commands(sub: Any, name: str) -> None:
+    """Let adapter ``name`` add ``crm-bridge <name> ...`` (its ``commands`` module, if any).
+
+    The module's ``register(subparsers)`` adds one parser whose ``handler`` default is a
+    ``Callable[[argparse.Namespace, Settings], int]``.
+    """
+    try:
+        module = importlib.import_module(f"{module_name(name)}.commands")
+    except ModuleNotFoundError:
+        return
+    module.register(sub)
+
+
+def _timestamp(raw: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time, got {raw!r}") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crm-bridge`` console script and ``python -m daemon``."""
     args = _parser().parse_args(argv)
-    command: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(args, _settings(args)))
+        command: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
         return command(args)
     except SettingsError as exc:
         print(f"crm-bridge: configuration error: {exc}", file=sys.stderr)
@@ -99,7 +139,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings) -> int:
-    from daemon.migrate import pending
+    from daemon.integrations import available, module_name
+from daemon.migrate import pending
 
     conn = await db.connect(settings.database_url, command_timeout_s=10.0)
     try:
@@ -110,6 +151,42 @@ async def _check(settings: Settings) -> int:
         log.error("migrations_pending", versions=[m.version for m in missing])
         return EXIT_FAILED
     log.info("check_ok", settings=settings.describe())
+    return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    return asyncio.run(_replay(settings, args))
+
+
+async def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    conn = await db.connect(settings.database_url)
+    try:
+        count = await store.replay(
+            conn, settings.integration, statuses=args.status or ["failed"],
+            enterprise=args.enterprise, since=args.since, until=args.until, call=args.call,
+        )
+    finally:
+        await conn.close()
+    log.info("replayed", count=count, integration=settings.integration)
+    print(f"{count} deliveries put back in the queue")
+    return EXIT_OK
+
+
+def _cmd_purge(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    days = args.older_than_days if args.older_than_days is not None else settings.retention_days
+    return asyncio.run(_purge(settings, days))
+
+
+async def _purge(settings: Settings, days: float) -> int:
+    pool = await db.create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        removed = await retention.purge(pool, days * 86_400)
+    finally:
+        await pool.close()
+    log.info("purged", count=removed, older_than_days=days)
+    print(f"{removed} events removed")
     return EXIT_OK
 
 
@@ -171,4 +248,6 @@ _COMMANDS: dict[str, Callable[[Any], int]] = {
     "migrate": _cmd_migrate,
     "check": _cmd_check,
     "genkey": _cmd_genkey,
+    "replay": _cmd_replay,
+    "purge": _cmd_purge,
 }

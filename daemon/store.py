@@ -8,6 +8,7 @@ CRMs or caching.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
@@ -304,6 +305,21 @@ WITH picked AS (
 )
 SELECT count(*) FROM picked
 """
+
+
+async def replay(
+    db: Executor, integration: str, *, statuses: Iterable[str] = ("failed",),
+    enterprise: str | None = None, since: datetime | None = None,
+    until: datetime | None = None, call: str | None = None,
+) -> int:
+    """Put settled deliveries matching the filters back to pending (fresh attempts and age),
+    and ring the doorbell; how many."""
+    count: int = await db.fetchval(
+        REPLAY, integration, list(statuses), enterprise, since, until, call
+    )
+    if count:
+        await db.execute(RING)
+    return count
 
 
 async def purge(db: Executor, retention_s: float, batch: int) -> int:
