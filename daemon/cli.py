@@ -21,7 +21,7 @@ from aiohttp import web
 
 from daemon import __version__, db, logconfig, retention, runtime, store
 from daemon.integrations import available, module_name
-from daemon.migrate import MigrationError, find_sql_dir, load_migrations, migrate
+from daemon.migrate import MigrationError, find_sql_dir, load_migrations, migrate, pending
 from daemon.settings import Settings, SettingsError, load, load_database
 
 log = structlog.get_logger("crm_bridge")
@@ -139,9 +139,6 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 async def _check(settings: Settings) -> int:
-    from daemon.integrations import available, module_name
-from daemon.migrate import pending
-
     conn = await db.connect(settings.database_url, command_timeout_s=10.0)
     try:
         missing = await pending(conn, load_migrations(find_sql_dir(settings.sql_dir)))
