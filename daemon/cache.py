@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import random
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ from daemon.integrations.base import Adapter, IntegrationConfig
 from daemon.metrics import Metrics
 
 log = structlog.get_logger(__name__)
+
+HOLD_REASONS = frozenset({"invalid_config", "auth_failed", "deactivated"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,8 +312,10 @@ class ConfigCache:
 
     def _export(self) -> None:
         self._metrics.cache_entries.set(len(self._entries))
-        self._metrics.cache_invalid.set(sum(1 for e in self._held.values()
-                                            if e == "invalid_config"))
+        by_reason = Counter(self._held.values())
+        self._metrics.cache_invalid.set(by_reason.get("invalid_config", 0))
+        for reason in HOLD_REASONS | by_reason.keys():
+            self._metrics.held_enterprises.labels(reason).set(by_reason.get(reason, 0))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)

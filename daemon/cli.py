@@ -20,13 +20,19 @@ import structlog
 from aiohttp import web
 
 from daemon import __version__, db, logconfig, retention, runtime, store
-from daemon.integrations import available, module_name
+from daemon.integrations import (
+    UnknownIntegration,
+    available,
+    integration_type,
+    module_name,
+)
 from daemon.migrate import MigrationError, find_sql_dir, load_migrations, migrate, pending
 from daemon.settings import Settings, SettingsError, load, load_database
 
 log = structlog.get_logger("crm_bridge")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SIGNAL_ECHO_S = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MigrationError as exc:
         print(f"crm-bridge: migration error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except UnknownIntegration as exc:
+        print(f"crm-bridge: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -160,12 +169,12 @@ async def _replay(settings: Settings, args: argparse.Namespace) -> int:
     conn = await db.connect(settings.database_url)
     try:
         count = await store.replay(
-            conn, settings.integration, statuses=args.status or ["failed"],
+            conn, integration_type(settings.integration), statuses=args.status or ["failed"],
             enterprise=args.enterprise, since=args.since, until=args.until, call=args.call,
         )
     finally:
         await conn.close()
-    log.info("replayed", count=count, integration=settings.integration)
+    log.info("replayed", count=count, integration=integration_type(settings.integration))
     print(f"{count} deliveries put back in the queue")
     return EXIT_OK
 
@@ -224,15 +233,22 @@ def _bound_url(runner: web.AppRunner, settings: Settings) -> str:
 
 
 def _install_signal_handlers(stop: Callable[[], None]) -> None:
+    """First SIGTERM/SIGINT: graceful stop. Another one a while later: exit at once.
+
+    A repeat within ``SIGNAL_ECHO_S`` is the same request delivered twice (a terminal's
+    Ctrl-C reaches the whole process group; ``timeout`` and some supervisors signal both
+    the process and its group), not an operator insisting.
+    """
     loop = asyncio.get_running_loop()
-    received: list[int] = []
+    first: list[float] = []
 
     def on_signal(signum: int) -> None:
-        received.append(signum)
-        if len(received) == 1:
+        now = loop.time()
+        if not first:
+            first.append(now)
             log.info("signal_received", signal=signal.Signals(signum).name)
             stop()
-        else:
+        elif now - first[0] >= SIGNAL_ECHO_S:
             log.warning("forced_exit", signal=signal.Signals(signum).name)
             os._exit(128 + signum)
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import heapq
 import itertools
 import random
 import time
@@ -38,7 +40,7 @@ from daemon import store
 from daemon.cache import ConfigCache, Entry
 from daemon.calls import StoredEvent
 from daemon.errors import DeliveryError, Retryable
-from daemon.guards import Guards
+from daemon.guards import Guards, LocalRateLimit
 from daemon.integrations.base import Adapter, Delivered, DeliveryContext, Outcome
 from daemon.logs import LogRow, OutcomeWriter, Settlement, mask
 from daemon.metrics import Metrics
@@ -53,6 +55,8 @@ RECHECK_MARGIN_S = 0.02
 # An attempt starts only if its lease outlives the attempt by this much.
 LEASE_MARGIN_S = 1.0
 STATS_INTERVAL_S = 5.0
+# Wake-ups remembered for scheduled retries (beyond that, the poll finds them).
+MAX_RETRY_WAKES = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +112,7 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._recheck_at: float | None = None
-        self._next_retry_at: float | None = None
+        self._retries_at: list[float] = []  # a heap of monotonic times retries come due
         self._claim_no = itertools.count(1)
         self._inflight: dict[asyncio.Task[None], int] = {}  # task -> deliveries it carries
         self._inflight_count = 0
@@ -129,9 +133,10 @@ class Dispatcher:
     def _timeout(self) -> float:
         now = time.monotonic()
         deadline = now + self._poll_interval_s
-        for at in (self._recheck_at, self._next_retry_at):
-            if at is not None:
-                deadline = min(deadline, at)
+        if self._recheck_at is not None:
+            deadline = min(deadline, self._recheck_at)
+        if self._retries_at:
+            deadline = min(deadline, self._retries_at[0])
         return max(0.0, deadline - now)
 
     async def _sleep(self, stopping: asyncio.Event) -> None:
@@ -145,8 +150,8 @@ class Dispatcher:
         now = time.monotonic()
         if self._recheck_at is not None and self._recheck_at <= now:
             self._recheck_at = None
-        if self._next_retry_at is not None and self._next_retry_at <= now:
-            self._next_retry_at = None
+        while self._retries_at and self._retries_at[0] <= now:
+            heapq.heappop(self._retries_at)
 
     # ------------------------------------------------------------------ the loop
 
@@ -171,7 +176,6 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> list[Claimed]:
         held = set(self._cache.held()) | set(self._guards.blocked())
-        held.update(self._guards.saturated())
         lease = f"{self._instance_id}:{next(self._claim_no)}"
         started = time.monotonic()
         try:
@@ -272,14 +276,15 @@ class Dispatcher:
         if entry.held is not None:
             self._release(group, f"held: {entry.held}")
             return
-        wait = self._guards.admit(enterprise)
-        if wait is not None:
-            self._release(group, "circuit breaker open", delay_s=wait)
-            return
         async with self._guards.slot(enterprise):
             deadline = min(item.lease_deadline for item in group)
             if deadline - time.monotonic() < self._attempt_timeout_s + LEASE_MARGIN_S:
                 self._release(group, "lease too short to start")
+                return
+            # Asked only once a slot is ours: the breaker may have opened while we queued.
+            wait = self._guards.admit(enterprise)
+            if wait is not None:
+                self._release(group, "circuit breaker open", delay_s=wait)
                 return
             await self._run_adapter(group, entry)
 
@@ -335,11 +340,13 @@ class Dispatcher:
         self._guards.succeeded(item.enterprise)
         delivered = isinstance(outcome, Delivered)
         status = "done" if delivered else "skipped"
-        detail = outcome.detail if isinstance(outcome, Delivered) else outcome.reason
-        row = self._log_row(item, entry, ctx, ok=True, error=None) if ctx.exchanges or \
-            delivered else None
+        detail = mask(outcome.detail if isinstance(outcome, Delivered) else outcome.reason,
+                      _secrets(entry))
+        # A skip that sent nothing leaves no log row: its reason is on the delivery.
+        row = self._log_row(item, entry, ctx, ok=True, error=None) if (
+            delivered or ctx.exchanges) else None
         self._settle(Settlement(item.event.id, item.lease, status,
-                                      last_error=None if delivered else detail, log=row))
+                                last_error=None if delivered else detail, log=row))
         self._metrics.deliveries.labels(status).inc()
         log.info("delivery_done" if delivered else "delivery_skipped",
                  event_type=item.event.event_type, attempt=item.attempt,
@@ -347,19 +354,28 @@ class Dispatcher:
 
     def _failed(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
                 error: BaseException, elapsed: float) -> None:
+        if isinstance(error, LocalRateLimit) and not ctx.exchanges:
+            # Our own limiter stopped it before anything was sent: not an attempt at all.
+            self._guards.throttle(item.enterprise, error.retry_after or 1.0)
+            self._release([item], "rate limit", delay_s=error.retry_after)
+            return
         if isinstance(error, Retryable) and not error.rate_limited:
             self._guards.failed(item.enterprise)
         elif isinstance(error, DeliveryError):
             self._guards.succeeded(item.enterprise)  # a definite answer: the CRM is up
         age_s = (datetime.now(UTC) - item.queued_at).total_seconds()
         decision = decide(error, item.attempt, age_s, self._policy, self._rng)
-        row = self._log_row(item, entry, ctx, ok=False, error=decision.reason)
+        # A CRM may echo a credential in its error: the reason is masked before it is
+        # stored, logged or shown anywhere.
+        reason = mask(decision.reason, _secrets(entry))
+        decision = dataclasses.replace(decision, reason=reason)
+        row = self._log_row(item, entry, ctx, ok=False, error=reason)
         self._settle(self._settlement(item, decision, row))
         outcome = "failed" if decision.action == "fail" else "retried"
         self._metrics.deliveries.labels(outcome).inc()
         log.info(f"delivery_{outcome}", event_type=item.event.event_type,
                  attempt=item.attempt, duration_ms=round(elapsed * 1000, 1),
-                 error=decision.reason, retry_in_s=round(decision.delay_s, 2)
+                 error=reason, retry_in_s=round(decision.delay_s, 2)
                  if decision.action == "retry" else None)
 
     def _settlement(self, item: Claimed, decision: Decision, row: LogRow) -> Settlement:
@@ -387,16 +403,15 @@ class Dispatcher:
         log.debug("delivery_released", reason=reason, count=len(group))
 
     def _schedule_wake(self, delay_s: float) -> None:
-        at = time.monotonic() + delay_s
-        if self._next_retry_at is None or at < self._next_retry_at:
-            self._next_retry_at = at
+        if len(self._retries_at) < MAX_RETRY_WAKES:
+            heapq.heappush(self._retries_at, time.monotonic() + delay_s)
 
     def _settle(self, settlement: Settlement) -> None:
         self._writer.put(settlement)
 
     def _log_row(self, item: Claimed, entry: Entry, ctx: DeliveryContext, *,
                  ok: bool, error: str | None) -> LogRow:
-        secrets = entry.config.secrets() if entry.config is not None else ()
+        secrets = _secrets(entry)
         exchanges = [
             {"method": x.method, "path": x.path, "request": x.request,
              "status": x.status, "duration_ms": round(x.duration_s * 1000, 1)}
@@ -409,10 +424,11 @@ class Dispatcher:
         return LogRow(
             enterprise=item.enterprise, event_type=item.event.event_type,
             request=mask(request, secrets), response=mask(response, secrets),
-            ok=ok, error=mask(error, secrets) if error else None,
+            ok=ok, error=error,
         )
 
     # ------------------------------------------------------------------ observation
+
 
     async def run_stats(self, stopping: asyncio.Event) -> None:
         """Refresh the queue gauges every ``STATS_INTERVAL_S`` (one cheap query)."""
@@ -434,3 +450,7 @@ class Dispatcher:
             "claimed_total": self.claimed_total, "notify": self._notify,
             "poll_interval_s": self._poll_interval_s, "fenced_outcomes": self._writer.fenced,
         }
+
+
+def _secrets(entry: Entry) -> tuple[str, ...]:
+    return entry.config.secrets() if entry.config is not None else ()

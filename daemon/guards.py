@@ -36,13 +36,20 @@ from daemon.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 WINDOW_S = 1.0
-# Network jitter can bring two requests closer together at the CRM than they left here.
-WINDOW_MARGIN_S = 0.02
+# A late wake-up or network jitter can bring two requests closer together at the CRM than
+# they were planned here: plan windows this much longer.
+WINDOW_MARGIN_S = 0.05
 BREAKER_THRESHOLD = 5
 BREAKER_COOLDOWN_S = 2.0
 BREAKER_MAX_COOLDOWN_S = 120.0
+# A half-open probe that never reported back (cancelled at stop...) stops blocking after this.
+PROBE_STALE_S = 30.0
 
 Clock = Callable[[], float]
+
+
+class LocalRateLimit(Retryable):
+    """Our own limiter refused a request (nothing was sent): reschedule, don't count."""
 
 
 class SlidingWindow:
@@ -52,17 +59,33 @@ class SlidingWindow:
         self.limit = max(1, limit)
         self.window_s = window_s
         self._times: deque[float] = deque()
+        self._sent: deque[float] = deque(maxlen=self.limit)
+
+    def wait_to_send(self, now: float) -> float:
+        """Seconds still to wait so that the request about to leave keeps the window of the
+        *actual* send times (a reservation woken late must not crowd the next ones)."""
+        if len(self._sent) < self.limit:
+            return 0.0
+        return max(0.0, self._sent[0] + self.window_s - now)
+
+    def sent(self, now: float) -> None:
+        """Record that a request left at ``now``."""
+        self._sent.append(now)
+
+    def next_free(self, now: float) -> float:
+        """The earliest instant (>= now) a new request could go."""
+        times = self._times
+        # Until the window has been full once, every reservation was "now" when made.
+        return now if len(times) < self.limit else max(now, times[0] + self.window_s)
 
     def reserve(self, now: float, max_wait_s: float) -> float | None:
         """The instant this request may go (>= now), reserved; None if later than allowed."""
-        times = self._times
-        # Until the window has been full once, every reservation was "now" when made.
-        at = now if len(times) < self.limit else max(now, times[0] + self.window_s)
+        at = self.next_free(now)
         if at - now > max_wait_s:
             return None
-        if len(times) >= self.limit:
-            times.popleft()
-        times.append(at)
+        if len(self._times) >= self.limit:
+            self._times.popleft()
+        self._times.append(at)
         return at
 
 
@@ -83,6 +106,7 @@ class Breaker:
     cooldown_s: float = BREAKER_COOLDOWN_S
     open_until: float = 0.0
     probing: bool = False
+    probe_started: float = 0.0
 
 
 @dataclass(slots=True)
@@ -94,7 +118,8 @@ class _Slots:
 def _blocking(breaker: Breaker, now: float) -> bool:
     if breaker.state is BreakerState.OPEN:
         return now < breaker.open_until
-    return breaker.state is BreakerState.HALF_OPEN and breaker.probing
+    return (breaker.state is BreakerState.HALF_OPEN and breaker.probing
+            and now - breaker.probe_started <= PROBE_STALE_S)
 
 
 class Guards:
@@ -123,6 +148,7 @@ class Guards:
         self._windows: dict[tuple[str, str], SlidingWindow] = {}
         self._slots: dict[str, _Slots] = {}
         self._breakers: dict[str, Breaker] = {}
+        self._throttled: dict[str, float] = {}  # enterprise -> until (its rate window is full)
 
     # ------------------------------------------------------------------ rate
 
@@ -137,13 +163,20 @@ class Guards:
         at = window.reserve(now, self.max_wait_s)
         if at is None:
             self._metrics.rate_limited_rejects.inc()
-            raise Retryable(
+            raise LocalRateLimit(
                 f"rate limit of {window.limit} requests/s reached", rate_limited=True,
-                retry_after=WINDOW_S, error_id="rate_limited_locally",
+                retry_after=window.next_free(now) - now,
+                error_id="rate_limited_locally",
             )
         if at > now:
             self._metrics.rate_limited_waits.inc()
             await asyncio.sleep(at - now)
+        for _ in range(window.limit):  # others may leave while we sleep: look again
+            late = window.wait_to_send(self._clock())
+            if late <= 0:
+                break
+            await asyncio.sleep(late)
+        window.sent(self._clock())
 
     def gate(
         self, enterprise: str, classify: Callable[[str], str]
@@ -154,6 +187,10 @@ class Guards:
             await self.acquire(enterprise, classify(path))
 
         return before_request
+
+    def throttle(self, enterprise: str, seconds: float) -> None:
+        """Leave ``enterprise`` out of claims for ``seconds`` (its rate window is full)."""
+        self._throttled[enterprise] = self._clock() + seconds
 
     # ------------------------------------------------------------------ concurrency
 
@@ -211,8 +248,11 @@ class Guards:
             breaker.state = BreakerState.HALF_OPEN
             breaker.probing = False
             self._export(enterprise, breaker)
-        if breaker.state is BreakerState.HALF_OPEN and not breaker.probing:
+        if breaker.state is BreakerState.HALF_OPEN and (
+            not breaker.probing or now - breaker.probe_started > PROBE_STALE_S
+        ):
             breaker.probing = True
+            breaker.probe_started = now
             return None
         return max(breaker.open_until - now, 0.5)
 
@@ -247,9 +287,16 @@ class Guards:
         self._metrics.breaker_state.labels(enterprise).set(breaker.state)
 
     def blocked(self) -> list[str]:
-        """Enterprises whose deliveries must not be claimed now (open, or probing)."""
+        """Enterprises whose deliveries must not be claimed now: breaker open or probing,
+        every slot taken, or the rate window full."""
         now = self._clock()
-        return [e for e, b in self._breakers.items() if _blocking(b, now)]
+        for enterprise, until in list(self._throttled.items()):
+            if until <= now:
+                del self._throttled[enterprise]
+        out = {e for e, b in self._breakers.items() if _blocking(b, now)}
+        out.update(self._throttled)
+        out.update(self.saturated())
+        return sorted(out)
 
     def stats(self) -> dict[str, object]:
         """Guard states for ``/stats``."""

@@ -15,6 +15,7 @@ secret-looking keys are masked, and so is any occurrence of the enterprise's own
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -128,10 +129,17 @@ class OutcomeWriter:
 
     async def _write_with_retry(self, batch: list[Settlement], stopping: asyncio.Event) -> None:
         delay = 0.1
+        with_logs = True
         while True:
             try:
-                await self._write(batch)
+                await self._write(batch, with_logs=with_logs)
                 return
+            except asyncpg.DataError as exc:
+                # A row the database refuses is a bug of ours; settling the deliveries
+                # matters more than their log rows, so they go without.
+                log.error("log_rows_dropped", error=type(exc).__name__, detail=str(exc)[:200],
+                          batch=len(batch))
+                with_logs = False
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 # The leases keep the deliveries safe meanwhile; if they expire, the work is
                 # redone (at least once). Never drop a batch while the process lives.
@@ -143,8 +151,8 @@ class OutcomeWriter:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _write(self, batch: list[Settlement]) -> None:
-        rows = [s.log for s in batch if s.log is not None]
+    async def _write(self, batch: list[Settlement], *, with_logs: bool = True) -> None:
+        rows = [s.log for s in batch if s.log is not None] if with_logs else []
         holds = {s.hold for s in batch if s.hold is not None}
         async with self._pool.acquire() as conn, conn.transaction():
             settled = await conn.fetch(
@@ -157,7 +165,7 @@ class OutcomeWriter:
                 await conn.execute(
                     store.INSERT_LOGS, self._integration,
                     [r.enterprise for r in rows], [r.event_type for r in rows],
-                    [r.request for r in rows], [r.response for r in rows],
+                    [_json(r.request) for r in rows], [_json(r.response) for r in rows],
                     ["success" if r.ok else "error" for r in rows], [r.error for r in rows],
                 )
             for enterprise, reason, detail in sorted(holds):
@@ -169,3 +177,7 @@ class OutcomeWriter:
             log.warning("outcomes_fenced", count=fenced)
         self._metrics.log_rows.inc(len(rows))
         self._metrics.log_flushes.inc()
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)

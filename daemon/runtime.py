@@ -86,6 +86,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             AdapterDeps(
                 crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
                 secret_key=settings.secret_key,
+                settings={"retailcrm_module_code": settings.retailcrm_module_code,
+                          "retailcrm_module_name": settings.retailcrm_module_name},
             ),
         )
         supervisor = Supervisor()
@@ -97,7 +99,9 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         writer = OutcomeWriter(pool, adapter.name, metrics)
         dispatcher = Dispatcher(
             pool, adapter, cache, guards, writer, metrics, instance_id=settings.instance_id,
-            http=http, policy=Policy(settings.max_attempts, settings.max_age_s),
+            http=http,
+            policy=Policy(settings.max_attempts, settings.max_age_s, settings.retry_base_s,
+                          settings.retry_max_s),
             concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
@@ -150,3 +154,5 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
                                          s.purge_interval_s, rt.metrics, stopping))
+    for name, coro in rt.adapter.tasks(stopping).items():
+        spawn(f"{rt.adapter.name}-{name}", coro)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import os
+import re
 import secrets
 import socket
 from collections.abc import Callable, Mapping
@@ -60,6 +61,8 @@ class Settings:
     enterprise_concurrency: int = 4
     max_attempts: int = 12
     max_age_s: float = 86_400.0
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
     retention_days: float = 30.0
     purge_interval_s: float = 3_600.0
     config_refresh_s: float = 240.0
@@ -68,6 +71,8 @@ class Settings:
     shutdown_grace_s: float = 10.0
     sql_dir: str = ""
     rate_limits: tuple[tuple[str, float], ...] = ()
+    retailcrm_module_code: str = "vochi-telephony"
+    retailcrm_module_name: str = "Vochi-CRM"
     generated: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
@@ -196,6 +201,13 @@ def _integration(raw: str) -> str:
     return value
 
 
+def _module_code(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", value):
+        raise ValueError(f"expected letters, digits, '-', '_' or '.' (at most 64), got {raw!r}")
+    return value
+
+
 def _rate_limits(raw: str) -> tuple[tuple[str, float], ...]:
     pairs = []
     for item in raw.split(","):
@@ -248,6 +260,8 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise (default 4)"),
     _Field("max_attempts", _int, "attempts before a delivery fails (default 12)"),
     _Field("max_age_s", _positive_float, "age after which a delivery fails (default 86400)"),
+    _Field("retry_base_s", _positive_float, "first retry backoff ceiling, doubling (default 1)"),
+    _Field("retry_max_s", _positive_float, "largest retry backoff (default 300)"),
     _Field("retention_days", _positive_float, "delivered events kept this long (default 30)"),
     _Field("purge_interval_s", _positive_float, "how often the daemon purges (default 3600)"),
     _Field("config_refresh_s", _positive_float, "full config reload period (default 240)"),
@@ -257,6 +271,10 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("sql_dir", _str, "where the migrations are (default: found next to the package)"),
     _Field("rate_limits", _rate_limits,
            "per-enterprise request rates overriding the adapter's, e.g. default=10,telephony=40"),
+    _Field("retailcrm_module_code", _module_code,
+           "code of the telephony module registered in RetailCRM (default vochi-telephony)"),
+    _Field("retailcrm_module_name", _str,
+           "name RetailCRM shows for that module (default Vochi-CRM)"),
 )
 
 

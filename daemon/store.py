@@ -237,9 +237,9 @@ RETURNING d.event_id
 INSERT_LOGS = """
 INSERT INTO integration_logs (enterprise_number, integration_type, event_type, request_data,
                               response_data, status, error_message)
-SELECT o.enterprise_number, $1, o.event_type, o.request_data, o.response_data, o.status,
-       o.error_message
-  FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::jsonb[], $6::text[], $7::text[])
+SELECT o.enterprise_number, $1, o.event_type, o.request_data::jsonb, o.response_data::jsonb,
+       o.status, o.error_message
+  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
     AS o(enterprise_number, event_type, request_data, response_data, status, error_message)
 """
 
@@ -338,3 +338,109 @@ SELECT phone_number FROM user_internal_phones WHERE enterprise_number = $1 ORDER
 async def internal_numbers(db: Executor, enterprise: str) -> list[str]:
     """The enterprise's internal numbers (extensions)."""
     return [r["phone_number"] for r in await db.fetch(INTERNAL_NUMBERS, enterprise)]
+
+
+# ------------------------------------------------------------------ integration upkeep
+# (registration in the CRM, managers ↔ extensions, reconciliation)
+
+# Like MERGE_INTEGRATION_CONFIG, but keys already present win: sets only what is missing
+# (a secret generated once, whichever of two racing writers comes first).
+MERGE_INTEGRATION_CONFIG_MISSING = """
+UPDATE enterprises
+   SET integrations_config = jsonb_set(
+           integrations_config, ARRAY[$2::text],
+           $3::jsonb || coalesce(integrations_config -> $2::text, '{}'::jsonb), true)
+ WHERE number = $1
+RETURNING integrations_config -> $2::text
+"""
+
+# The integration's key, with the enterprise row locked against other writers until the
+# caller's transaction ends (a read-modify-write of one nested value, such as a map).
+LOCK_INTEGRATION_CONFIG = """
+SELECT integrations_config -> $2::text AS config
+  FROM enterprises WHERE number = $1
+   FOR NO KEY UPDATE
+"""
+
+# Internal numbers with their owners' names; one row per number.
+INTERNAL_PHONES = """
+SELECT DISTINCT ON (p.phone_number)
+       p.phone_number, p.user_id, u.first_name, u.last_name
+  FROM user_internal_phones p
+  LEFT JOIN users u ON u.id = p.user_id
+ WHERE p.enterprise_number = $1
+ ORDER BY p.phone_number, p.user_id NULLS LAST
+"""
+
+# Enterprises of one integration whose registration in the CRM needs redoing: enabled, not
+# deactivated by the CRM, and either marked sync_pending or last synced before $2 seconds
+# ago (a malformed last_sync counts as never: nothing to refresh).
+INTEGRATION_SYNC_DUE = """
+SELECT e.number
+  FROM enterprises e
+ WHERE e.active
+   AND e.integrations_config -> $1::text ->> 'enabled' = 'true'
+   AND NOT EXISTS (SELECT 1 FROM crm_holds h
+                    WHERE h.enterprise_number = e.number AND h.integration_type = $1
+                      AND h.reason = 'deactivated')
+   AND (e.integrations_config -> $1::text ->> 'sync_pending' = 'true'
+        OR (CASE WHEN e.integrations_config -> $1::text ->> 'last_sync'
+                      ~ '^[0-9]{4}-[01][0-9]-[0-3][0-9]T[0-2][0-9]:[0-5][0-9]:[0-5][0-9]'
+                 THEN (e.integrations_config -> $1::text ->> 'last_sync')::timestamptz
+            END) < now() - make_interval(secs => $2))
+ ORDER BY e.number
+ LIMIT $3
+"""
+
+INSERT_LOG = """
+INSERT INTO integration_logs (enterprise_number, integration_type, event_type, request_data,
+                              response_data, status, error_message)
+VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, $6, $7)
+"""
+
+
+async def merge_integration_config_missing(
+    db: Executor, enterprise: str, integration: str, values: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """Set the keys of ``values`` that ``integrations_config[integration]`` lacks; the
+    stored value afterwards (None: no such enterprise)."""
+    value = await db.fetchval(MERGE_INTEGRATION_CONFIG_MISSING, enterprise, integration,
+                              dict(values))
+    return None if value is None else dict(value)
+
+
+async def lock_integration_config(
+    db: asyncpg.Connection, enterprise: str, integration: str
+) -> tuple[bool, dict[str, Any] | None]:
+    """Lock the enterprise's row for the rest of the transaction ``db`` is in; (whether the
+    enterprise exists, ``integrations_config[integration]`` or None)."""
+    row = await db.fetchrow(LOCK_INTEGRATION_CONFIG, enterprise, integration)
+    if row is None:
+        return False, None
+    return True, None if row["config"] is None else dict(row["config"])
+
+
+async def internal_phones(db: Executor, enterprise: str) -> list[asyncpg.Record]:
+    """The enterprise's internal numbers: ``phone_number``, ``user_id``, ``first_name``,
+    ``last_name`` (the owner's, None when unowned or unknown)."""
+    rows: list[asyncpg.Record] = await db.fetch(INTERNAL_PHONES, enterprise)
+    return rows
+
+
+async def integration_sync_due(
+    db: Executor, integration: str, older_than_s: float, limit: int
+) -> list[str]:
+    """Enterprises whose registration of ``integration`` should be redone now (see
+    ``INTEGRATION_SYNC_DUE``), at most ``limit``."""
+    rows = await db.fetch(INTEGRATION_SYNC_DUE, integration, older_than_s, limit)
+    return [r["number"] for r in rows]
+
+
+async def insert_log(
+    db: Executor, enterprise: str, integration: str, event_type: str, request: Any,
+    response: Any, ok: bool, error: str | None,
+) -> None:
+    """One ``integration_logs`` row outside the delivery pipeline (request and response
+    must already be masked)."""
+    await db.execute(INSERT_LOG, enterprise, integration, event_type, request, response,
+                     "success" if ok else "error", error)

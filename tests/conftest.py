@@ -12,6 +12,7 @@ import pytest_asyncio
 from daemon import db
 from daemon.settings import Settings, load
 from tests.support import pg
+from tests.support.fakecrm import FakeUpstream, running_upstream
 
 TEST_SECRET_KEY = "test-secret-key-0123456789abcdef-0123456789"
 TEST_FERNET_KEY = "hHTp3ZkJ7l7yG4Yh8hB8n6dO5S6dC3m4fS9Xf2h7gKk="
@@ -81,3 +82,10 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
         return load(settings_env(database_url), **overrides)
 
     return build
+
+
+@pytest_asyncio.fixture
+async def upstream() -> AsyncIterator[FakeUpstream]:
+    """The fake CRM the test adapter (tests.support.fakecrm) delivers to."""
+    async with running_upstream() as up:
+        yield up

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-import pytest
 
 from daemon.crypto import Crypto
 from daemon.settings import Settings
 from tests.support.daemon import running
-from tests.support.fakecrm import FakeUpstream, running_upstream
+from tests.support.fakecrm import FakeUpstream
 from tests.support.seed import add_enterprise, insert_event
 
 FAKE = "tests.support.fakecrm"
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with running_upstream() as up:
-        yield up
 
 
 def fake_config(settings: Settings, url: str, key: str, **extra: Any) -> dict[str, Any]:

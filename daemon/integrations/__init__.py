@@ -29,6 +29,19 @@ def module_name(name: str) -> str:
     return name if "." in name else f"{__name__}.{name}"
 
 
+def integration_type(name: str) -> str:
+    """The integration type (``crm_deliveries.integration_type``) of adapter ``name``: its
+    module's ``NAME``, without building the adapter (for commands that only query)."""
+    try:
+        module = importlib.import_module(module_name(name))
+    except ModuleNotFoundError:
+        raise UnknownIntegration(f"no integration {name!r}") from None
+    value = getattr(module, "NAME", None)
+    if not isinstance(value, str):
+        raise UnknownIntegration(f"{module.__name__} has no NAME")
+    return value
+
+
 def load(name: str, deps: AdapterDeps) -> Adapter:
     """Build the adapter ``name``; ``UnknownIntegration`` when there is none."""
     try:

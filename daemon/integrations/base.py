@@ -10,11 +10,14 @@ errors), and thin glue implementing this protocol.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import asyncio
+    from pathlib import Path
+
     import aiohttp
     import asyncpg
     from aiohttp import web
@@ -94,6 +97,55 @@ Outcome = Delivered | Skipped
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsCheck:
+    """What a connection test of an enterprise's CRM credentials found.
+
+    ``ok`` is True only when the CRM accepted the credentials and granted every permission
+    the integration needs; ``missing_scopes`` names the permissions it lacks; ``message`` is
+    one sentence for an operator or an admin page (never a secret).
+    """
+
+    ok: bool
+    message: str
+    missing_scopes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CrmUser:
+    """A user of the CRM (a manager who may take calls), with the extension mapped to them.
+
+    ``id`` is the CRM's own id as a string; ``status`` is the CRM's availability word
+    (RetailCRM: free/busy/dinner/break) or None when the CRM has none; ``extension`` is the
+    internal number this integration maps to the user, or None.
+    """
+
+    id: str
+    name: str
+    email: str
+    active: bool
+    status: str | None
+    extension: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationResult:
+    """The outcome of registering (or unregistering) the integration in an enterprise's CRM.
+
+    ``ok`` is True when the CRM took the change. ``message`` is one paragraph for a person;
+    ``error_id`` a stable code when not ok (``payment_required``, ``invalid_module``,
+    ``auth_failed``, ``unavailable``, ``config``...); ``details`` the CRM's field errors
+    (field → message) or the local field at fault; ``warnings`` what was accepted but is
+    worth telling (users the CRM does not know...). Never carries a secret.
+    """
+
+    ok: bool
+    message: str
+    error_id: str | None = None
+    details: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterDeps:
     """What the composition root hands an adapter when it builds it."""
 
@@ -146,3 +198,34 @@ class Adapter(Protocol):
 
     def routes(self) -> Sequence[web.AbstractRouteDef]:
         """Callback routes the CRM calls (mounted under ``/{name}/``)."""
+
+    async def check_credentials(self, config: IntegrationConfig) -> CredentialsCheck:
+        """Test ``config``'s credentials against the CRM. Never raises for a CRM failure
+        (unreachable, refused...): that is an ``ok=False`` answer saying why."""
+
+    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
+        """The CRM's active users with their mapped extensions; a CRM failure raises one of
+        the ``DeliveryError`` classes."""
+
+    async def register(self, enterprise: str) -> RegistrationResult:
+        """Register (or update) this integration in the enterprise's CRM from its stored
+        configuration, and switch it on. Never raises for a CRM or configuration failure."""
+
+    async def unregister(self, enterprise: str) -> RegistrationResult:
+        """Switch the integration off in the CRM and locally, revoking every callback
+        secret and admin link issued so far. The local part happens even when the CRM
+        cannot be told (``ok`` is then False and the message says so)."""
+
+    async def responsible_extension(
+        self, enterprise: str, config: IntegrationConfig, phone: str, *, timeout_s: float = 1.0
+    ) -> str | None:
+        """The extension of the manager the CRM holds responsible for ``phone``; None when
+        there is no such manager or they have no extension. Takes at most about
+        ``timeout_s``; a CRM failure raises one of the ``DeliveryError`` classes."""
+
+    def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
+        """Background loops of this adapter, by name; the runtime spawns and supervises
+        them. Each runs until ``stopping`` is set (returning earlier is a crash)."""
+
+    def templates_dir(self) -> Path | None:
+        """Where this adapter's admin page templates are, or None when it has none."""

@@ -17,9 +17,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -27,7 +28,17 @@ from aiohttp import web
 
 from daemon.calls import StoredEvent, parse_event
 from daemon.errors import AuthFailed, ConfigError, Permanent, Retryable
-from daemon.integrations.base import AdapterDeps, Delivered, DeliveryContext, Exchange, Outcome
+from daemon.integrations.base import (
+    AdapterDeps,
+    CredentialsCheck,
+    CrmUser,
+    Delivered,
+    DeliveryContext,
+    Exchange,
+    IntegrationConfig,
+    Outcome,
+    RegistrationResult,
+)
 
 NAME = "fakecrm"
 
@@ -102,6 +113,31 @@ class FakeCrmAdapter:
     def routes(self) -> Sequence[web.AbstractRouteDef]:
         return []
 
+    # The rest of the protocol, trivially: the fake CRM has no users, module or callbacks.
+
+    async def check_credentials(self, config: IntegrationConfig) -> CredentialsCheck:
+        return CredentialsCheck(ok=True, message="the fake CRM takes any key")
+
+    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
+        return []
+
+    async def register(self, enterprise: str) -> RegistrationResult:
+        return RegistrationResult(ok=True, message="nothing to register in the fake CRM")
+
+    async def unregister(self, enterprise: str) -> RegistrationResult:
+        return RegistrationResult(ok=True, message="nothing to unregister in the fake CRM")
+
+    async def responsible_extension(
+        self, enterprise: str, config: IntegrationConfig, phone: str, *, timeout_s: float = 1.0
+    ) -> str | None:
+        return None
+
+    def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
+        return {}
+
+    def templates_dir(self) -> Path | None:
+        return None
+
 
 def _classify(status: int, answer: Any, retry_after: str | None) -> Outcome:
     if 200 <= status < 300:
@@ -127,7 +163,8 @@ def create_adapter(deps: AdapterDeps) -> FakeCrmAdapter:
 
 @dataclass(slots=True)
 class Received:
-    at: float
+    at: float  # when the answer was sent (after any latency)
+    arrived: float
     api_key: str
     event_id: int
     unique_id: str
@@ -143,9 +180,10 @@ class FakeUpstream:
 
     received: list[Received] = field(default_factory=list)
     statuses: dict[str, deque[int]] = field(default_factory=lambda: defaultdict(deque))
-    latency_s: dict[str, float] = field(default_factory=dict)  # by unique_id
+    latency_s: dict[str, float] = field(default_factory=dict)  # by "unique_id" or "uid/type"
     slow_keys: dict[str, float] = field(default_factory=dict)  # by api key
     down_keys: set[str] = field(default_factory=set)  # answer 500 while listed
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # (time, event id)
     url: str = ""
 
     def fail_next(self, api_key: str, *statuses: int) -> None:
@@ -156,7 +194,7 @@ class FakeUpstream:
 
     def per_second(self, api_key: str) -> int:
         """The most requests of one key that arrived in any 1-second window."""
-        times = sorted(r.at for r in self.received if r.api_key == api_key)
+        times = sorted(r.arrived for r in self.received if r.api_key == api_key)
         best, start = 0, 0
         for end, at in enumerate(times):
             while at - times[start] >= 1.0:
@@ -169,15 +207,19 @@ class FakeUpstream:
         return Counter({k: v for k, v in counts.items() if v > 1})
 
     async def handle(self, request: web.Request) -> web.Response:
+        arrived = time.monotonic()
         body = await request.json()
+        self.arrivals.append((arrived, body["event_id"]))
         key = request.headers.get("X-API-KEY", "")
-        if delay := self.latency_s.get(body["unique_id"]) or self.slow_keys.get(key):
+        delay = (self.latency_s.get(f"{body['unique_id']}/{body['event_type']}")
+                 or self.latency_s.get(body["unique_id"]) or self.slow_keys.get(key))
+        if delay:
             await asyncio.sleep(delay)
         queue = self.statuses.get(key)
         status = 500 if key in self.down_keys else (queue.popleft() if queue else 200)
-        self.received.append(Received(time.monotonic(), key, body["event_id"], body["unique_id"],
-                                      body["event_type"], body["attempt"], body["enterprise"],
-                                      status))
+        self.received.append(Received(time.monotonic(), arrived, key, body["event_id"],
+                                      body["unique_id"], body["event_type"], body["attempt"],
+                                      body["enterprise"], status))
         headers = {"Retry-After": "1"} if status in (429, 503) else {}
         return web.json_response({"ok": status < 300, "echo": key}, status=status,
                                  headers=headers)
