@@ -10,15 +10,25 @@ Delivery: each event is mapped with its call's stored events (never process memo
 ``call/event`` and/or one ``calls/upload`` item. Hangups and downloads of one enterprise
 claimed together (a backlog) are delivered as one batch: their popups one by one, their
 uploads in requests of at most 50.
+
+Upkeep: ``register``/``unregister``/``sync_extensions`` keep the module registered in
+RetailCRM (``module.Registrar``); ``save_extensions`` stores an assignment set and syncs it;
+the ``extensions-sync`` task (``tasks()``) re-syncs, every ``RECONCILE_INTERVAL_S`` ± 20 %,
+the enterprises whose sync is pending or whose admin link is due for a refresh.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -27,21 +37,33 @@ from daemon.calls import StoredEvent, parse_call, parse_event
 from daemon.errors import DeliveryError, Permanent
 from daemon.integrations.base import (
     AdapterDeps,
+    CredentialsCheck,
+    CrmUser,
     Delivered,
     DeliveryContext,
     IntegrationConfig,
     Outcome,
+    RegistrationResult,
     Skipped,
 )
 from daemon.integrations.retailcrm import config as cfg
+from daemon.integrations.retailcrm import extensions, routing
 from daemon.integrations.retailcrm.client import MAX_UPLOAD_BATCH, RetailCrmClient
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, batches, plan
+from daemon.integrations.retailcrm.module import LINK_REFRESH_S, ModuleIdentity, Registrar
 
 log = structlog.get_logger(__name__)
 
 NAME = cfg.KEY
 INTERNAL_NUMBERS_TTL_S = 60.0
 TELEPHONY_PREFIX = "/api/v5/telephony"
+# What the bridge needs of an API key: read/edit its module, popups and uploads, the
+# responsible manager, the users list (GET /api/credentials names them this way).
+REQUIRED_SCOPES = ("integration_read", "integration_write", "telephony_read",
+                   "telephony_write", "user_read")
+CHECK_TIMEOUT_S = 5.0
+RECONCILE_INTERVAL_S = 180.0
+RECONCILE_BATCH = 100
 
 __all__ = ["NAME", "RetailCrmAdapter", "create_adapter"]
 
@@ -57,6 +79,8 @@ class RetailCrmAdapter:
 
     def __init__(self, deps: AdapterDeps) -> None:
         self.deps = deps
+        self.identity = ModuleIdentity.from_deps(deps)
+        self.registrar = Registrar(deps, self.identity)
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
 
     # ------------------------------------------------------------------ protocol
@@ -189,6 +213,106 @@ class RetailCrmAdapter:
         from daemon.integrations.retailcrm import http
 
         return http.routes
+
+    # ------------------------------------------------------------------ upkeep
+
+    async def check_credentials(self, config: IntegrationConfig) -> CredentialsCheck:
+        """``GET /api/credentials`` with the stored key: reachable, accepted, and every
+        scope of ``REQUIRED_SCOPES`` granted."""
+        assert isinstance(config, cfg.RetailCrmConfig)
+        if not (config.domain and config.api_key):
+            return CredentialsCheck(ok=False, message="RetailCRM is not configured: the "
+                                    "account domain and the API key are required.")
+        try:
+            answer = await self.client(config, timeout_s=CHECK_TIMEOUT_S).credentials()
+        except DeliveryError as exc:
+            return CredentialsCheck(ok=False, message=f"The connection test failed: {exc}")
+        granted = answer.get("scopes")
+        scopes = {str(s) for s in granted} if isinstance(granted, list) else set()
+        missing = tuple(s for s in REQUIRED_SCOPES if s not in scopes)
+        if missing:
+            return CredentialsCheck(
+                ok=False, missing_scopes=missing,
+                message=f"RetailCRM at {config.domain} accepted the API key, but it lacks "
+                f"the permissions {', '.join(missing)}: add them to the key in RetailCRM.")
+        return CredentialsCheck(
+            ok=True, message=f"RetailCRM at {config.domain} accepted the API key, which has "
+            "every permission the bridge needs.")
+
+    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
+        """Every active RetailCRM user, each with their number (local map merged with the
+        module's ``additionalCodes``, local winning)."""
+        assert isinstance(config, cfg.RetailCrmConfig)
+        client = self.client(config, timeout_s=CHECK_TIMEOUT_S)
+        view = await extensions.managers(client, config, self.identity.code)
+        return list(view.managers)
+
+    async def register(self, enterprise: str) -> RegistrationResult:
+        """Register (or update) the telephony module and switch the integration on."""
+        return await self.registrar.register(enterprise)
+
+    async def unregister(self, enterprise: str) -> RegistrationResult:
+        """Deactivate the module; revoke links and the clientId; switch off locally."""
+        return await self.registrar.unregister(enterprise)
+
+    async def sync_extensions(self, enterprise: str) -> RegistrationResult:
+        """Send the module (with the current ``additionalCodes``) to RetailCRM again."""
+        return await self.registrar.sync(enterprise)
+
+    async def save_extensions(
+        self, enterprise: str, assignments: Mapping[str, str | None]
+    ) -> extensions.SaveResult:
+        """Store an assignment set (``ConfigError`` naming the field changes nothing), then
+        sync it to RetailCRM (pending on failure)."""
+        return await extensions.save_and_sync(self.deps.pool, enterprise, assignments,
+                                              self.registrar.sync)
+
+    async def responsible_extension(
+        self, enterprise: str, config: IntegrationConfig, phone: str, *,
+        timeout_s: float = routing.DEFAULT_TIMEOUT_S,
+    ) -> str | None:
+        """The responsible manager's extension for ``phone`` (see ``routing``)."""
+        assert isinstance(config, cfg.RetailCrmConfig)
+        if not (config.domain and config.api_key):
+            return None
+        return await routing.responsible_extension(
+            self.client(config, timeout_s=timeout_s), config, phone, timeout_s=timeout_s)
+
+    def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
+        """``extensions-sync``: the reconciliation loop."""
+        return {"extensions-sync": self.run_reconciler(stopping)}
+
+    def templates_dir(self) -> Path | None:
+        """No admin templates yet (the admin pages come later)."""
+        return None
+
+    async def reconcile(self) -> int:
+        """Re-sync every enterprise whose sync is pending or whose link is getting old
+        (``store.integration_sync_due``); how many syncs succeeded."""
+        due = await store.integration_sync_due(self.deps.pool, NAME, LINK_REFRESH_S,
+                                               RECONCILE_BATCH)
+        done = 0
+        for enterprise in due:
+            result = await self.registrar.sync(enterprise)
+            done += result.ok
+        if due:
+            log.info("extensions_reconciled", due=len(due), synced=done)
+        return done
+
+    async def run_reconciler(self, stopping: asyncio.Event) -> None:
+        """``reconcile`` every ``RECONCILE_INTERVAL_S`` ± 20 % until ``stopping``; a
+        database failure is logged and retried next round."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(),
+                                       RECONCILE_INTERVAL_S * random.uniform(0.8, 1.2))
+            if stopping.is_set():
+                return
+            try:
+                await self.reconcile()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    TimeoutError) as exc:
+                log.warning("extensions_reconcile_failed", error=type(exc).__name__)
 
 
 def _config(ctx: DeliveryContext) -> cfg.RetailCrmConfig:

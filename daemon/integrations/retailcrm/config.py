@@ -192,10 +192,16 @@ def parse(raw: Mapping[str, Any], crypto: Crypto) -> RetailCrmConfig:
 
 
 async def write_keys(
-    db: Executor, enterprise: str, values: Mapping[str, Any]
+    db: Executor, enterprise: str, values: Mapping[str, Any], *, only_missing: bool = False
 ) -> dict[str, Any] | None:
     """Set ``values`` inside ``integrations_config->'retailcrm'`` (one statement, that key
-    only); the new stored value, or None when the enterprise does not exist."""
+    only); the new stored value, or None when the enterprise does not exist.
+
+    ``only_missing``: keys already stored keep their value (a secret generated once: of two
+    racing writers, the first one's value stands and both get it back).
+    """
+    if only_missing:
+        return await store.merge_integration_config_missing(db, enterprise, KEY, values)
     return await store.merge_integration_config(db, enterprise, KEY, values)
 
 

@@ -1,6 +1,7 @@
 """RetailCRM's callbacks to us, mounted under ``/retailcrm/``.
 
-None of them is signed: the ``clientId`` RetailCRM sends is the only credential. It is a
+``GET /retailcrm/logo.svg`` is the module's logo (public, no credential). The callbacks
+are not signed: the ``clientId`` RetailCRM sends is the only credential. It is a
 256-bit random secret per enterprise (never the enterprise number), looked up through its
 keyed fingerprint, so a guess costs the same whether it is close or not. An unknown or
 missing ``clientId`` is answered 403 with RetailCRM's error shape and changes nothing.
@@ -9,7 +10,8 @@ missing ``clientId`` is answered 403 with RetailCRM's error shape and changes no
 from __future__ import annotations
 
 import json
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
@@ -23,6 +25,8 @@ log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 DEACTIVATED = "deactivated"
+LOGO: Final = Path(__file__).parent / "static" / "logo.svg"
+LOGO_MAX_AGE_S: Final = 86_400
 
 
 def _error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -76,3 +80,12 @@ async def activity(request: web.Request) -> web.Response:
         await store.put_hold(pool, enterprise, KEY, DEACTIVATED, reason)
         log.warning("module_deactivated", enterprise=enterprise, active=active, freeze=freeze)
     return web.json_response({"success": True})
+
+
+@routes.get("/logo.svg")
+async def logo(request: web.Request) -> web.FileResponse:
+    """The module's logo, the ``logo`` URL registered in RetailCRM (public, cacheable)."""
+    return web.FileResponse(LOGO, headers={
+        "Content-Type": "image/svg+xml", "Cache-Control": f"public, max-age={LOGO_MAX_AGE_S}",
+        "X-Content-Type-Options": "nosniff",
+    })

@@ -1,0 +1,251 @@
+"""``crm-bridge retailcrm …``: an operator's commands for one enterprise's RetailCRM account.
+
+::
+
+    crm-bridge retailcrm configure ENTERPRISE [--domain D] [--api-key-file PATH|-]
+                                   [--enable|--disable] [--time-zone TZ] [--region CC]
+    crm-bridge retailcrm test ENTERPRISE             # GET /api/credentials, scopes
+    crm-bridge retailcrm register ENTERPRISE         # register the module, switch it on
+    crm-bridge retailcrm unregister ENTERPRISE       # deactivate, revoke, switch off
+    crm-bridge retailcrm sync-extensions ENTERPRISE  # send the managers' numbers again
+
+Each prints one paragraph saying what happened (stdout on success, stderr on failure) and
+exits 0 on success, 1 on failure. No secret is ever printed: the API key is read from a
+file or standard input (never from the command line, where ``ps`` and shell histories see
+it), encrypted at once and stored encrypted; ``configure`` validates everything before it
+writes anything, and never touches the managers' numbers. Each command builds what it needs
+(a small pool, an HTTP session with timeouts, the adapter) and closes it before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+import asyncpg
+
+from daemon import db, store
+from daemon.crypto import Crypto
+from daemon.errors import ConfigError
+from daemon.integrations import load
+from daemon.integrations.base import AdapterDeps, RegistrationResult
+from daemon.integrations.retailcrm import RetailCrmAdapter
+from daemon.integrations.retailcrm import config as cfg
+from daemon.settings import Settings
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+HTTP_TOTAL_S: Final = 15.0
+HTTP_CONNECT_S: Final = 5.0
+MAX_KEY_CHARS: Final = 256
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``crm-bridge retailcrm`` and its subcommands to the CLI's subparsers."""
+    parser = subparsers.add_parser(
+        "retailcrm", help="connect enterprises to RetailCRM and manage their module")
+    sub = parser.add_subparsers(dest="retailcrm_command", required=True)
+    simple: dict[str, tuple[str, Handler]] = {
+        "test": ("check the stored domain and API key against RetailCRM", _test),
+        "register": ("register the telephony module in RetailCRM and switch it on", _register),
+        "unregister": ("deactivate the module, revoke its secrets, switch off", _unregister),
+        "sync-extensions": ("send the managers' internal numbers to RetailCRM again", _sync),
+    }
+    for name, (help_text, handler) in simple.items():
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("enterprise", help="the enterprise number")
+        command.set_defaults(handler=handler)
+    # No abbreviations: "--api-key SECRET" must be an error, not "--api-key-file SECRET".
+    configure = sub.add_parser(
+        "configure", help="store an enterprise's RetailCRM account (the key from a file or -)",
+        allow_abbrev=False)
+    configure.add_argument("enterprise", help="the enterprise number")
+    configure.add_argument("--domain", help="the account address, e.g. demo.retailcrm.ru")
+    configure.add_argument("--api-key-file", metavar="PATH|-",
+                           help="read the API key from PATH, or from standard input with -")
+    switch = configure.add_mutually_exclusive_group()
+    switch.add_argument("--enable", dest="enabled", action="store_const", const=True,
+                        help="switch the integration on")
+    switch.add_argument("--disable", dest="enabled", action="store_const", const=False,
+                        help="switch the integration off")
+    configure.add_argument("--api-key", action=_RefuseKeyArgument, help=argparse.SUPPRESS)
+    configure.add_argument("--time-zone", help="the Asterisk hosts' IANA zone, e.g. Europe/Minsk")
+    configure.add_argument("--region", help="default phone region, e.g. BY")
+    configure.set_defaults(handler=_configure)
+
+
+class _RefuseKeyArgument(argparse.Action):
+    """``--api-key VALUE``: refused without echoing VALUE (argparse would print it back as
+    an unrecognized argument)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser.error("--api-key is not accepted: a key on the command line shows in ps and "
+                     "in shell histories; use --api-key-file PATH, or - to read standard input")
+
+
+# ---------------------------------------------------------------------- plumbing
+
+
+@dataclass(frozen=True, slots=True)
+class _Tools:
+    pool: asyncpg.Pool
+    crypto: Crypto
+    adapter: RetailCrmAdapter
+
+
+@asynccontextmanager
+async def _tools(settings: Settings) -> AsyncIterator[_Tools]:
+    pool = await db.create_pool(
+        settings.database_url, min_size=1, max_size=3,
+        command_timeout_s=settings.db_command_timeout_s,
+        application_name="crm-bridge:retailcrm-cli")
+    try:
+        timeout = aiohttp.ClientTimeout(total=HTTP_TOTAL_S, connect=HTTP_CONNECT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            crypto = Crypto(settings.encryption_keys, settings.secret_key)
+            adapter = load(cfg.KEY, AdapterDeps(
+                crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
+                secret_key=settings.secret_key,
+                settings={"retailcrm_module_code": settings.retailcrm_module_code,
+                          "retailcrm_module_name": settings.retailcrm_module_name}))
+            assert isinstance(adapter, RetailCrmAdapter)
+            yield _Tools(pool, crypto, adapter)
+    finally:
+        await pool.close()
+
+
+def _run(settings: Settings, work: Callable[[_Tools], Awaitable[tuple[bool, str]]]) -> int:
+    async def main() -> tuple[bool, str]:
+        async with _tools(settings) as tools:
+            return await work(tools)
+
+    ok, text = asyncio.run(main())
+    print(text, file=sys.stdout if ok else sys.stderr, flush=True)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _said(result: RegistrationResult) -> tuple[bool, str]:
+    text = result.message
+    if result.warnings:
+        text += " Warnings: " + " ".join(result.warnings)
+    return result.ok, text
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _test(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(tools: _Tools) -> tuple[bool, str]:
+        raw = await cfg.read_raw(tools.pool, args.enterprise)
+        if raw is None:
+            return False, (f"Enterprise {args.enterprise} has no RetailCRM configuration (or "
+                           "does not exist): run crm-bridge retailcrm configure first.")
+        try:
+            config = cfg.parse(raw, tools.crypto)
+        except ConfigError as exc:
+            return False, f"The stored RetailCRM configuration is invalid: {exc}."
+        check = await tools.adapter.check_credentials(config)
+        return check.ok, check.message
+
+    return _run(settings, work)
+
+
+def _register(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(tools: _Tools) -> tuple[bool, str]:
+        return _said(await tools.adapter.register(args.enterprise))
+
+    return _run(settings, work)
+
+
+def _unregister(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(tools: _Tools) -> tuple[bool, str]:
+        return _said(await tools.adapter.unregister(args.enterprise))
+
+    return _run(settings, work)
+
+
+def _sync(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(tools: _Tools) -> tuple[bool, str]:
+        return _said(await tools.adapter.sync_extensions(args.enterprise))
+
+    return _run(settings, work)
+
+
+def _configure(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        api_key = _read_key(args.api_key_file) if args.api_key_file else None
+        values = _values(args)
+    except ConfigError as exc:
+        print(f"Nothing was saved: {exc}.", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    if not values and api_key is None:
+        print("Nothing to save: give --domain, --api-key-file, --enable/--disable, "
+              "--time-zone or --region.", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+
+    async def work(tools: _Tools) -> tuple[bool, str]:
+        if api_key is not None:
+            values["api_key"] = tools.crypto.encrypt(api_key)
+        row = await store.load_enterprise(tools.pool, cfg.KEY, args.enterprise)
+        if row is None:
+            return False, f"Nothing was saved: there is no enterprise {args.enterprise}."
+        current = (row["integrations_config"] or {}).get(cfg.KEY) or {}
+        try:
+            config = cfg.parse({**current, **values}, tools.crypto)
+        except ConfigError as exc:
+            return False, f"Nothing was saved: {exc}."
+        await cfg.write_keys(tools.pool, args.enterprise, values)
+        return True, _configured(args.enterprise, config, api_key is not None)
+
+    return _run(settings, work)
+
+
+def _read_key(source: str) -> str:
+    """The API key from a file or ``-`` (stdin); ``ConfigError('api_key')`` when unusable."""
+    try:
+        if source == "-":
+            text = sys.stdin.read()
+        else:
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read(MAX_KEY_CHARS * 4)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("api_key", f"cannot read the key file ({type(exc).__name__})") from None
+    key = text.strip()
+    if not key:
+        raise ConfigError("api_key", "the key file is empty")
+    if len(key) > MAX_KEY_CHARS or any(ch.isspace() for ch in key):
+        raise ConfigError("api_key", "the key file must hold the key alone, on one line")
+    return key
+
+
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args.domain is not None:
+        values["domain"] = cfg.normalize_domain(args.domain)
+    if args.enabled is not None:
+        values["enabled"] = args.enabled
+    if args.time_zone is not None:
+        values["time_zone"] = args.time_zone.strip()
+    if args.region is not None:
+        values["region"] = args.region.strip().upper()
+    return values
+
+
+def _configured(enterprise: str, config: cfg.RetailCrmConfig, new_key: bool) -> str:
+    key = "replaced (stored encrypted)" if new_key else (
+        "unchanged" if config.api_key else "not set")
+    state = "on" if config.enabled else "off"
+    return (f"Saved the RetailCRM settings of enterprise {enterprise}: domain "
+            f"{config.domain or 'not set'}, API key {key}, integration {state}, time zone "
+            f"{config.time_zone}, phone region {config.region}; "
+            f"{len(config.user_extensions)} manager number(s) kept. Next: crm-bridge "
+            f"retailcrm test {enterprise}, then crm-bridge retailcrm register {enterprise}.")
