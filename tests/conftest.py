@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
@@ -89,3 +90,10 @@ async def upstream() -> AsyncIterator[FakeUpstream]:
     """The fake CRM the test adapter (tests.support.fakecrm) delivers to."""
     async with running_upstream() as up:
         yield up
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for talking to servers under test."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session

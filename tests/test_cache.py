@@ -21,9 +21,10 @@ from daemon.runtime import on_config
 from daemon.settings import Settings
 from tests.conftest import TEST_SERVICE_TOKEN, settings_env
 from tests.support.daemon import running, start_process
+from tests.support.fakecrm import FAKE, fake_config
 from tests.support.seed import add_enterprise
 from tests.support.tcpproxy import proxy_to
-from tests.test_pipeline import FAKE, fake_config, wait_until
+from tests.support.waiting import wait_until
 
 AUTH = {"Authorization": f"Bearer {TEST_SERVICE_TOKEN}"}
 

@@ -16,10 +16,11 @@ from structlog.testing import capture_logs
 
 from daemon.settings import Settings
 from tests.conftest import TEST_SERVICE_TOKEN
+from tests.support.bodies import dial, hangup
 from tests.support.daemon import running
-from tests.support.fakecrm import FakeUpstream
+from tests.support.fakecrm import FAKE, FakeUpstream, fake_config
 from tests.support.seed import add_enterprise, insert_event
-from tests.test_pipeline import FAKE, dial, fake_config, hangup, wait_until
+from tests.support.waiting import wait_until
 
 FAST = {"retry_base_s": 0.05, "retry_max_s": 0.2, "poll_interval_s": 0.2}
 

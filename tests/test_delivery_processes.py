@@ -12,10 +12,10 @@ import pytest
 
 from daemon.settings import Settings
 from tests.conftest import settings_env
+from tests.support.bodies import dial
 from tests.support.daemon import start_process
-from tests.support.fakecrm import FakeUpstream
+from tests.support.fakecrm import FAKE, FakeUpstream
 from tests.test_delivery import enterprises, settled, statuses
-from tests.test_pipeline import FAKE, dial
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import asyncpg
 
 from daemon.settings import Settings
 from tests.conftest import settings_env
+from tests.support.bodies import dial, hangup
 from tests.support.daemon import ROOT, running
-from tests.support.fakecrm import FakeUpstream
+from tests.support.fakecrm import FAKE, FakeUpstream
 from tests.support.seed import insert_event
 from tests.test_delivery import FAST, enterprises, settled, statuses
-from tests.test_pipeline import FAKE, dial, hangup
 
 
 async def cli(database_url: str, *args: str) -> tuple[int, str]:

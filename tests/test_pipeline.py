@@ -2,44 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 
-from daemon.crypto import Crypto
 from daemon.settings import Settings
+from tests.support.bodies import dial
 from tests.support.daemon import running
-from tests.support.fakecrm import FakeUpstream
+from tests.support.fakecrm import FAKE, FakeUpstream, fake_config
 from tests.support.seed import add_enterprise, insert_event
-
-FAKE = "tests.support.fakecrm"
-
-
-def fake_config(settings: Settings, url: str, key: str, **extra: Any) -> dict[str, Any]:
-    crypto = Crypto(settings.encryption_keys, settings.secret_key)
-    return {"fakecrm": {"enabled": True, "url": url, "api_key": crypto.encrypt(key), **extra}}
-
-
-def dial(n: int | str, token: str = "tok0367", **extra: Any) -> dict[str, Any]:
-    return {"Token": token, "UniqueId": f"1757772742.{n}", "CallType": 0,
-            "Phone": "+375291112233", "Extensions": ["150"], "Trunk": "0001363", **extra}
-
-
-def hangup(n: int | str, token: str = "tok0367") -> dict[str, Any]:
-    return {"Token": token, "UniqueId": f"1757772742.{n}", "CallType": 0,
-            "Phone": "+375291112233", "Extensions": [""], "CallStatus": "2",
-            "StartTime": "2025-01-09 19:20:00", "EndTime": "2025-01-09 19:21:00"}
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
+from tests.support.waiting import wait_until
 
 
 async def test_an_event_is_delivered_without_waiting_for_the_poll(

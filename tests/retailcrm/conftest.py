@@ -43,12 +43,6 @@ async def sim() -> AsyncIterator[Simulator]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        yield session
-
-
 @pytest.fixture
 def adapter(pool: asyncpg.Pool, http: aiohttp.ClientSession, crypto: Crypto) -> RetailCrmAdapter:
     return create_adapter(AdapterDeps(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,14 +19,7 @@ from daemon.settings import Settings
 from tests.retailcrm.conftest import ENTERPRISE, seed, stored
 from tests.support.daemon import InProcess, running
 from tests.support.seed import insert_event
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
+from tests.support.waiting import wait_until
 
 
 async def post_activity(http: aiohttp.ClientSession, daemon: InProcess, client_id: str | None,

@@ -76,12 +76,6 @@ async def sim() -> AsyncIterator[Simulator]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 @pytest.fixture
 def rec() -> Recorder:
     return Recorder()

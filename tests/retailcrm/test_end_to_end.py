@@ -17,20 +17,13 @@ from daemon.settings import Settings
 from tests.retailcrm.conftest import seed
 from tests.support.daemon import running
 from tests.support.seed import insert_event, register
+from tests.support.waiting import wait_until
 
 TOKEN = "tok0367"
 CALLER_LOCAL = "80291234567"
 CALLER = "+375291234567"
 LINE = "+375172000000"
 RECORD = "https://records.example.by/1757772742.60.mp3"
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 async def statuses(pool: asyncpg.Pool) -> list[str]:

@@ -24,17 +24,10 @@ from tests.conftest import TEST_SERVICE_TOKEN, settings_env
 from tests.retailcrm.conftest import ENTERPRISE, KEY, seed, stored
 from tests.support.daemon import running, start_process
 from tests.support.seed import insert_event
+from tests.support.waiting import wait_until
 
 CODE = "vochi-telephony"
 TOKEN = f"tok{ENTERPRISE}"
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.02)
 
 
 def call(n: int, event: str) -> dict[str, Any]:

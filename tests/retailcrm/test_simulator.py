@@ -75,12 +75,6 @@ async def sim() -> AsyncIterator[Simulator]:
         yield running
 
 
-@pytest_asyncio.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def call(
     http: aiohttp.ClientSession,
     sim: Simulator,

@@ -41,6 +41,15 @@ from daemon.integrations.base import (
 )
 
 NAME = "fakecrm"
+FAKE = "tests.support.fakecrm"  # the module path to run it: --integration tests.support.fakecrm
+
+
+def fake_config(settings: Any, url: str, key: str, **extra: Any) -> dict[str, Any]:
+    """``integrations_config`` for an enterprise delivering to ``url`` with API key ``key``."""
+    from daemon.crypto import Crypto
+
+    crypto = Crypto(settings.encryption_keys, settings.secret_key)
+    return {"fakecrm": {"enabled": True, "url": url, "api_key": crypto.encrypt(key), **extra}}
 
 
 @dataclass(frozen=True, slots=True)
