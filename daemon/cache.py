@@ -8,13 +8,16 @@ reader never sees half an update. Freshness comes from four sources:
   single-flight per enterprise: however many notifications and readers arrive, one load
   runs; a notification that arrives during it marks the entry dirty and causes exactly one
   more (the running load may have read the row before the change committed);
-* every (re)connect of the listener → ``refresh_all`` (notifications sent meanwhile are lost);
+* every (re)connect of the listener → ``catch_up`` (notifications sent meanwhile are lost):
+  a full refresh, unless one that began after LISTEN has completed (the startup load);
 * a periodic full refresh (``refresh_s`` ± 20 % jitter) swaps the whole map at once;
 * a per-entry TTL (``ttl_s`` × 2/3…4/3): an expired entry is still served while it is
   reloaded in the background (stale-while-revalidate).
 
-A full refresh never overwrites an entry loaded after the refresh's snapshot was taken
-(each load is stamped with a sequence number taken before its query).
+A full refresh reads the enterprises a page at a time (``PAGE``, keyset by number): one
+page's decoded rows live at a time, and the event loop runs between pages. Readers see the
+old map until the new one is complete. It never overwrites an entry loaded after the refresh
+began (each load is stamped with a sequence number taken before its first query).
 
 An enterprise whose configuration of this integration fails validation is kept with
 ``invalid`` set: its integration counts as disabled, its deliveries wait (it is "held"),
@@ -26,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import random
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import asyncpg
@@ -45,6 +50,8 @@ from daemon.metrics import Metrics
 log = structlog.get_logger(__name__)
 
 HOLD_REASONS = frozenset({"invalid_config", "auth_failed", "deactivated"})
+PAGE = 1_000  # enterprises per query of a full refresh
+NO_HOLDS: Mapping[str, str] = MappingProxyType({})  # shared by every entry without holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +164,8 @@ class ConfigCache:
         self._dirty: set[str] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._seq = itertools.count(1)
+        self._type_sets: dict[frozenset[str], frozenset[str]] = {}
+        self._refreshed_from = -math.inf  # monotonic start of the newest completed refresh
         self.loaded = asyncio.Event()
         self.last_full_refresh_at: float | None = None
 
@@ -218,19 +227,24 @@ class ConfigCache:
         seq = next(self._seq)
         self._metrics.cache_loads.labels(reason).inc()
         with self._metrics.cache_load_seconds.labels("one").time():
-            row = await store.load_enterprise(self._pool, self._adapter.name, enterprise)
+            row = await store.load_entry(self._pool, self._adapter.name, enterprise)
         entry = self._build(row, seq) if row is not None else None
         self._swap(enterprise, entry)
         return entry
 
     async def refresh_all(self, reason: str = "full") -> int:
         """Reload every enterprise and swap the whole map; returns the number of entries."""
-        seq = next(self._seq)
+        seq, started = next(self._seq), time.monotonic()
         self._metrics.cache_loads.labels(reason).inc()
+        fresh: dict[str, Entry] = {}
         with self._metrics.cache_load_seconds.labels("all").time():
-            rows = await store.load_all_enterprises(self._pool, self._adapter.name)
-        fresh = {row["number"]: self._build(row, seq) for row in rows}
-        # Anything loaded on its own after our snapshot is newer than what we read.
+            after = ""
+            while rows := await store.load_entries_after(self._pool, self._adapter.name,
+                                                         after, PAGE):
+                for row in rows:
+                    fresh[row["number"]] = self._build(row, seq)
+                after = rows[-1]["number"]
+        # Anything loaded on its own after our first query is newer than what we read.
         for enterprise, current in self._entries.items():
             if current.seq > seq:
                 fresh[enterprise] = current
@@ -241,8 +255,17 @@ class ConfigCache:
         self.matrix.rebuild(fresh.values())
         self._export()
         self.last_full_refresh_at = time.time()
+        self._refreshed_from = max(self._refreshed_from, started)
         self.loaded.set()
         return len(fresh)
+
+    async def catch_up(self, since: float) -> None:
+        """Notifications are received from ``since`` (``time.monotonic()``) on: reload
+        everything, unless a full refresh that began after ``since`` has completed — it read
+        every row after any change committed before then (the startup load, when the
+        listener connected first)."""
+        if self._refreshed_from <= since:
+            await self.refresh_all("connect")
 
     async def run_refresher(self, stopping: asyncio.Event) -> None:
         """Full refresh every ``refresh_s`` ± 20 %, until ``stopping``."""
@@ -260,14 +283,11 @@ class ConfigCache:
     # ------------------------------------------------------------------ building
 
     def _build(self, row: Mapping[str, Any], seq: int) -> Entry:
-        raw_all = row["integrations_config"] or {}
-        enabled = frozenset(
-            key for key, value in raw_all.items()
-            if isinstance(value, Mapping) and value.get("enabled") is True
-        )
+        """An entry from a ``store._ENTRY_COLUMNS`` row."""
+        enabled = self._types(row["enabled"])
         config: IntegrationConfig | None = None
         invalid: str | None = None
-        raw = raw_all.get(self._adapter.name)
+        raw = row["config"]
         if raw is not None:
             try:
                 if not isinstance(raw, Mapping):
@@ -275,13 +295,18 @@ class ConfigCache:
                 config = self._adapter.parse_config(raw)
             except ConfigError as exc:
                 invalid = str(exc)
-                enabled = enabled - {self._adapter.name}
+                enabled = self._types(enabled - {self._adapter.name})
         ttl = self.ttl_s * random.uniform(2 / 3, 4 / 3)
         return Entry(
             enterprise=row["number"], token=row["name2"], active=bool(row["active"]),
             enabled_types=enabled, config=config, invalid=invalid,
-            holds=dict(row["holds"] or {}), seq=seq, expires_at=time.monotonic() + ttl,
+            holds=row["holds"] or NO_HOLDS, seq=seq, expires_at=time.monotonic() + ttl,
         )
+
+    def _types(self, names: Iterable[str]) -> frozenset[str]:
+        """The one shared frozenset of ``names``: thousands of entries, a handful of sets."""
+        types = frozenset(names)
+        return self._type_sets.setdefault(types, types)
 
     def _swap(self, enterprise: str, entry: Entry | None) -> None:
         old = self._entries.get(enterprise)

@@ -2,8 +2,10 @@
 
 It LISTENs on ``crm_events`` (the doorbell) and ``crm_config`` (configuration changes) and
 hands each notification to a handler. NOTIFY is a hint (STYLE.md rule 5): notifications sent
-while the connection is away are gone, so after every (re)connect ``on_connect`` runs — the
-composition root makes it a full config reload plus a dispatcher wake-up (catch-up).
+while the connection is away are gone, so after every (re)connect ``on_connect`` runs with the
+``time.monotonic()`` from which notifications arrive — the composition root makes it a config
+catch-up plus a dispatcher wake-up. ``open`` makes the first connection before ``run``, so
+that a config load started after it (the startup load) already covers the first catch-up.
 
 A lost connection is noticed two ways: asyncpg's termination listener, and a probe every
 ``probe_interval_s`` — a NOTIFY on a channel of this connection's own, which must come back
@@ -57,7 +59,7 @@ class Listener:
         self,
         dsn: str,
         handlers: Mapping[str, Handler],
-        on_connect: Callable[[], Awaitable[None]],
+        on_connect: Callable[[float], Awaitable[None]],
         metrics: Metrics,
         *,
         probe_interval_s: float = 10.0,
@@ -76,6 +78,8 @@ class Listener:
         self._probe_channel = f"crm_probe_{secrets.token_hex(6)}"
         self._probe_waiters: dict[str, asyncio.Future[None]] = {}
         self._pid: int | None = None
+        self._opened: asyncpg.Connection | None = None
+        self._listening_since = 0.0  # time.monotonic() when the current LISTEN took effect
         self.state = ListenerState()
         self.caught_up = asyncio.Event()  # set after the first connect's catch-up
 
@@ -84,11 +88,25 @@ class Listener:
         """The server process of the current connection (tests terminate it)."""
         return self._pid
 
+    async def open(self) -> None:
+        """Connect and LISTEN now; ``run`` serves this connection first. A failure is left
+        to ``run``'s reconnects."""
+        self._opened = await self._connect()
+
+    async def close(self) -> None:
+        """Close a connection ``open`` made that ``run`` never took (a start that failed)."""
+        conn, self._opened = self._opened, None
+        if conn is not None:
+            self._set_connected(False)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT_S)
+
     async def run(self, stopping: asyncio.Event) -> None:
         """Connect, listen, probe, reconnect — until ``stopping`` is set."""
         delay = RECONNECT_MIN_S
         while not stopping.is_set():
-            conn = await self._connect()
+            conn = self._opened or await self._connect()
+            self._opened = None
             if conn is None:
                 await _sleep_or_stop(stopping, delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_MAX_S)
@@ -111,6 +129,7 @@ class Listener:
             for channel in self._handlers:
                 await conn.add_listener(channel, self._on_notification)
             await conn.add_listener(self._probe_channel, self._on_probe)
+            self._listening_since = time.monotonic()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             if self.state.last_error is None:
                 log.warning("listener_unavailable", error=type(exc).__name__)
@@ -129,8 +148,10 @@ class Listener:
     async def _serve(self, conn: asyncpg.Connection, stopping: asyncio.Event) -> None:
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
+        if conn.is_closed():  # lost between ``open`` and ``run``
+            lost.set()
         try:
-            await self._on_connect()
+            await self._on_connect(self._listening_since)
         except Exception:
             log.exception("listener_catch_up_failed")
         self.caught_up.set()

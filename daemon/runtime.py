@@ -114,6 +114,9 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         )
         metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
+        if listener is not None:
+            stack.push_async_callback(listener.close)
+            await listener.open()  # LISTEN first: then the startup load is the first catch-up
         await cache.refresh_all("startup")
         stack.push_async_callback(supervisor.cancel_all)
         _start_tasks(runtime)
@@ -122,8 +125,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
 
 def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
               metrics: Metrics) -> Listener:
-    async def catch_up() -> None:
-        await cache.refresh_all("connect")
+    async def catch_up(since: float) -> None:
+        await cache.catch_up(since)
         dispatcher.wake()
 
     return Listener(

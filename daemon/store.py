@@ -58,7 +58,26 @@ SELECT e.number, e.name2, e.active, e.integrations_config,
 """
 
 LOAD_ENTERPRISE = _ENTERPRISE_COLUMNS + " WHERE e.number = $2"
-LOAD_ALL_ENTERPRISES = _ENTERPRISE_COLUMNS
+
+# What the ConfigCache needs of an enterprise, and no more: ``config`` is only this
+# integration's key of integrations_config, ``enabled`` the names of the keys whose
+# ``enabled`` is true (other services' configs are neither sent nor decoded: most of a full
+# refresh's time and memory went there), ``holds`` NULL when there are none.
+_ENTRY_COLUMNS = """
+SELECT e.number, e.name2, e.active, e.integrations_config -> $1::text AS config,
+       ARRAY(SELECT c.key
+               FROM jsonb_each(CASE jsonb_typeof(e.integrations_config)
+                               WHEN 'object' THEN e.integrations_config END) c
+              WHERE c.value -> 'enabled' = 'true'::jsonb) AS enabled,
+       (SELECT jsonb_object_agg(h.reason, h.detail)
+          FROM crm_holds h
+         WHERE h.enterprise_number = e.number AND h.integration_type = $1) AS holds
+  FROM enterprises e
+"""
+
+LOAD_ENTRY = _ENTRY_COLUMNS + " WHERE e.number = $2"
+# Keyset pagination: the page after enterprise ``$2`` ('' sorts before every number).
+LOAD_ENTRIES_AFTER = _ENTRY_COLUMNS + " WHERE e.number > $2 ORDER BY e.number LIMIT $3"
 
 PUT_HOLD = """
 INSERT INTO crm_holds (enterprise_number, integration_type, reason, detail)
@@ -78,9 +97,18 @@ async def load_enterprise(db: Executor, integration: str, number: str) -> asyncp
     return row
 
 
-async def load_all_enterprises(db: Executor, integration: str) -> list[asyncpg.Record]:
-    """Every enterprise's row with its holds of ``integration``."""
-    rows: list[asyncpg.Record] = await db.fetch(LOAD_ALL_ENTERPRISES, integration)
+async def load_entry(db: Executor, integration: str, number: str) -> asyncpg.Record | None:
+    """One enterprise as the ConfigCache sees it (``_ENTRY_COLUMNS``; None: no such one)."""
+    row: asyncpg.Record | None = await db.fetchrow(LOAD_ENTRY, integration, number)
+    return row
+
+
+async def load_entries_after(
+    db: Executor, integration: str, after: str, limit: int
+) -> list[asyncpg.Record]:
+    """Up to ``limit`` enterprises numbered after ``after`` ('' for the first page), in
+    number order, as the ConfigCache sees them (``_ENTRY_COLUMNS``)."""
+    rows: list[asyncpg.Record] = await db.fetch(LOAD_ENTRIES_AFTER, integration, after, limit)
     return rows
 
 

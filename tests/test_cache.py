@@ -135,7 +135,69 @@ async def test_listener_recovers_and_catches_up_after_termination(
             await wait_until(lambda: not daemon.rt.cache.get("0367").serves, timeout=5)
             assert listener.state.reconnects == 1
             assert listener.backend_pid != pid
-            assert _loads(daemon.rt.metrics).get("connect", 0) >= 2
+            assert _loads(daemon.rt.metrics).get("connect", 0) >= 1
+
+
+async def test_the_startup_load_is_the_first_catch_up(
+    pool: asyncpg.Pool, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(integration=FAKE, config_refresh_s=600.0, config_ttl_s=600.0)
+    await add_enterprise(pool, "0367", config=fake_config(settings, "http://x:9", "k1"))
+    async with running(settings) as daemon:
+        loads = _loads(daemon.rt.metrics)
+        assert loads.get("startup") == 1 and "connect" not in loads, loads
+
+
+async def test_catch_up_reloads_unless_a_refresh_began_after_listen(
+    pool: asyncpg.Pool, cache_parts
+) -> None:
+    settings, cache, metrics = cache_parts
+    await add_enterprise(pool, "0367", config=fake_config(settings, "http://x:9", "k1"))
+    await cache.refresh_all("startup")
+    # A change whose notification nobody heard, then LISTEN: the load before it is stale.
+    await add_enterprise(pool, "0367", config={"fakecrm": {"enabled": False}})
+    listening_since = time.monotonic()
+    await cache.catch_up(listening_since)
+    assert not cache.get("0367").serves
+    assert _loads(metrics).get("connect") == 1
+    # A full refresh that began after LISTEN saw everything committed before it.
+    await cache.refresh_all("startup")
+    await cache.catch_up(listening_since)
+    assert _loads(metrics).get("connect") == 1, "nothing left to catch up"
+    await cache.catch_up(time.monotonic())  # a reconnect
+    assert _loads(metrics).get("connect") == 2
+
+
+async def test_a_paged_refresh_builds_what_loading_each_one_builds(
+    pool: asyncpg.Pool, cache_parts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, cache, _metrics = cache_parts
+    for n in range(7):
+        await add_enterprise(pool, f"05{n:02d}", active=n != 3, config={
+            **fake_config(settings, "http://x:9", f"k{n}", enabled=n % 2 == 0),
+            "amocrm": {"enabled": n > 2}, "bitrix": {"enabled": "yes"}, "other": [True]})
+    await add_enterprise(pool, "0600", config={"fakecrm": "not an object",
+                                               "amocrm": {"enabled": True}})
+    await add_enterprise(pool, "0601", config={})
+    # Not an object: only with the notify trigger (which rejects it) out of the way.
+    await pool.execute("ALTER TABLE enterprises DISABLE TRIGGER crm_enterprises_notify")
+    await pool.execute("UPDATE enterprises SET integrations_config = '[1]' WHERE number = '0601'")
+    await pool.execute("ALTER TABLE enterprises ENABLE TRIGGER crm_enterprises_notify")
+    await pool.execute("INSERT INTO crm_holds (enterprise_number, integration_type, reason) "
+                       "VALUES ('0502', 'fakecrm', 'auth_failed'), "
+                       "('0504', 'amocrm', 'deactivated')")
+    monkeypatch.setattr("daemon.cache.PAGE", 2)
+    assert await cache.refresh_all() == 9
+    paged = {e.enterprise: dataclasses.replace(e, seq=0) for e in cache.entries()}
+    for number in paged:
+        await cache.load(number, "notify")
+    assert {e.enterprise: dataclasses.replace(e, seq=0) for e in cache.entries()} == paged
+    assert paged["0500"].enabled_types == frozenset({"fakecrm"})
+    assert paged["0504"].enabled_types == frozenset({"fakecrm", "amocrm"})
+    assert paged["0600"].enabled_types == frozenset({"amocrm"}) and paged["0600"].invalid
+    assert paged["0601"].enabled_types == frozenset() and paged["0601"].config is None
+    assert dict(paged["0502"].holds) == {"auth_failed": ""} and not paged["0504"].holds
+    assert paged["0504"].enabled_types is paged["0506"].enabled_types, "one shared set"
 
 
 async def test_single_flight_under_readers_and_a_notification_burst(

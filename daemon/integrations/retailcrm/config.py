@@ -19,12 +19,17 @@ Stored shape (flat; every key optional except where noted)::
 Every write goes through ``write_keys`` (``store.MERGE_INTEGRATION_CONFIG``): one statement
 that changes only the ``retailcrm`` key, never a read-modify-write of the whole column, which
 other integrations' services write too.
+
+``parse`` runs for every enterprise on each full config refresh, so it keeps one copy of the
+short strings thousands of configs share (time zones, region, internal numbers, trunks,
+last_sync...: ``sys.intern``) and skips URL parsing for a domain already normalized.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +47,9 @@ SWITCHES = ("popup_incoming", "popup_outgoing", "popup_hangup", "upload_history"
             "upload_recordings")
 _EXTENSION = re.compile(r"^[0-9*#+]{1,20}$")
 _USER_ID = re.compile(r"^[0-9]{1,12}$")
+_TRUNK = re.compile(r"^.{1,40}$")
+# What ``normalize_domain`` returns unchanged: an https host name, lower case, no port.
+_NORMALIZED_DOMAIN = re.compile(r"https://[a-z0-9.-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,12 +89,19 @@ class RetailCrmConfig:
 def normalize_domain(raw: str) -> str:
     """``demo.retailcrm.ru/`` → ``https://demo.retailcrm.ru``; https only, but plain http
     for loopback addresses (the simulator). Raises ``ConfigError('domain')``."""
+    if _NORMALIZED_DOMAIN.fullmatch(raw):
+        return raw
     value = raw.strip()
     if not value:
         raise ConfigError("domain", "is required")
     if "://" not in value:
         value = "https://" + value
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+        port_number = parts.port  # a port out of range or not a number raises here
+    except ValueError:
+        raise ConfigError("domain", "expected the account address, e.g. "
+                          "https://demo.retailcrm.ru") from None
     host = (parts.hostname or "").lower()
     if not host or parts.username or parts.password:
         raise ConfigError("domain", "expected the account address, e.g. https://demo.retailcrm.ru")
@@ -96,7 +111,7 @@ def normalize_domain(raw: str) -> str:
         raise ConfigError("domain", "must use https")
     if parts.scheme not in {"http", "https"}:
         raise ConfigError("domain", "must use https")
-    port = f":{parts.port}" if parts.port else ""
+    port = f":{port_number}" if port_number else ""
     shown = f"[{host}]" if ":" in host else host
     return f"{parts.scheme}://{shown}{port}"
 
@@ -125,7 +140,7 @@ def _zone(raw: Mapping[str, Any], key: str, default: str) -> str:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(key, f"unknown time zone {value[:60]!r}") from None
-    return value
+    return sys.intern(value)
 
 
 def _mapping(raw: Mapping[str, Any], key: str, check_key: re.Pattern[str],
@@ -139,7 +154,7 @@ def _mapping(raw: Mapping[str, Any], key: str, check_key: re.Pattern[str],
             raise ConfigError(f"{key}.{str(k)[:20]}", "malformed entry")
         if check_value is not None and not check_value.match(str(v)):
             raise ConfigError(f"{key}.{str(k)[:20]}", f"malformed value {str(v)[:20]!r}")
-        out[str(k)] = str(v)
+        out[sys.intern(str(k))] = sys.intern(str(v))
     return out
 
 
@@ -172,18 +187,19 @@ def parse(raw: Mapping[str, Any], crypto: Crypto) -> RetailCrmConfig:
     site = raw.get("site_code")
     if site is not None and not isinstance(site, str):
         raise ConfigError("site_code", "expected a string")
+    last_sync = raw.get("last_sync")
     return RetailCrmConfig(
         enabled=enabled, domain=domain, api_key=api_key,
         **{k: _bool(raw, k, True) for k in SWITCHES},
         log_internal=_bool(raw, "log_internal", False),
         time_zone=time_zone, crm_time_zone=_zone(raw, "crm_time_zone", time_zone),
-        region=region.upper().strip(),
+        region=sys.intern(region.upper().strip()),
         user_extensions=_mapping(raw, "user_extensions", _USER_ID, _EXTENSION),
-        external_phones=_mapping(raw, "external_phones", re.compile(r"^.{1,40}$"), None),
-        site_code=site or None,
+        external_phones=_mapping(raw, "external_phones", _TRUNK, None),
+        site_code=sys.intern(site) if site else None,
         client_id=crypto.decrypt(client_token, field="client_id") if client_token else None,
         token_version=version,
-        last_sync=raw.get("last_sync") if isinstance(raw.get("last_sync"), str) else None,
+        last_sync=sys.intern(last_sync) if isinstance(last_sync, str) else None,
         sync_pending=raw.get("sync_pending") is True,
     )
 
