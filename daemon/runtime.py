@@ -105,6 +105,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
+            doorbell_window_s=await store.doorbell_window_s(pool),
         )
         listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
         runtime = Runtime(

@@ -259,7 +259,15 @@ UPDATE crm_deliveries d
    AND d.event_id = o.event_id
    AND d.locked_by = o.lease
    AND d.status = 'pending'
-RETURNING d.event_id
+RETURNING d.event_id,
+          -- Finished, with the call's next delivery waiting behind it: due now.
+          o.status <> 'pending' AND EXISTS (
+              SELECT 1 FROM crm_deliveries n
+               WHERE n.integration_type = $1
+                 AND n.enterprise_number = d.enterprise_number
+                 AND n.unique_id = d.unique_id
+                 AND n.status = 'pending'
+                 AND n.event_id > d.event_id) AS unblocks
 """
 
 INSERT_LOGS = """
@@ -290,6 +298,14 @@ SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 """
 
 RING = "SELECT pg_notify('crm_events', '')"
+
+DOORBELL_WINDOW = "SELECT window_ms FROM crm_doorbell WHERE channel = 'crm_events'"
+
+
+async def doorbell_window_s(db: Executor) -> float:
+    """How long the fan-out trigger stays silent after ringing (sql/003)."""
+    window_ms = await db.fetchval(DOORBELL_WINDOW)
+    return float(window_ms) / 1000.0
 
 
 async def call_events(db: Executor, enterprise: str, unique_id: str) -> list[asyncpg.Record]:
