@@ -23,8 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -64,6 +63,7 @@ class SlidingWindow:
     def wait_to_send(self, now: float) -> float:
         """Seconds still to wait so that the request about to leave keeps the window of the
         *actual* send times (a reservation woken late must not crowd the next ones)."""
+        _forget(self._sent, now - self.window_s)
         if len(self._sent) < self.limit:
             return 0.0
         return max(0.0, self._sent[0] + self.window_s - now)
@@ -75,7 +75,8 @@ class SlidingWindow:
     def next_free(self, now: float) -> float:
         """The earliest instant (>= now) a new request could go."""
         times = self._times
-        # Until the window has been full once, every reservation was "now" when made.
+        _forget(times, now - self.window_s)
+        # Fewer than ``limit`` reservations in the window ending now: now is free.
         return now if len(times) < self.limit else max(now, times[0] + self.window_s)
 
     def reserve(self, now: float, max_wait_s: float) -> float | None:
@@ -87,6 +88,13 @@ class SlidingWindow:
             self._times.popleft()
         self._times.append(at)
         return at
+
+
+def _forget(times: deque[float], before: float) -> None:
+    """Drop the instants at or before ``before`` (sorted deque): they no longer count, and a
+    high limit must not keep that many timestamps per enterprise."""
+    while times and times[0] <= before:
+        times.popleft()
 
 
 class BreakerState(IntEnum):
@@ -113,6 +121,25 @@ class Breaker:
 class _Slots:
     in_flight: int = 0
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+
+class _Slot:
+    """One attempt slot held for the ``async with`` block (a plain class: this runs once per
+    delivery, and a generator-based context manager costs several times more)."""
+
+    __slots__ = ("_enterprise", "_guards", "_slots")
+
+    def __init__(self, guards: Guards, enterprise: str) -> None:
+        self._guards = guards
+        self._enterprise = enterprise
+        self._slots: _Slots | None = None
+
+    async def __aenter__(self) -> None:
+        self._slots = await self._guards._take(self._enterprise)
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._slots is not None
+        self._guards._release(self._enterprise, self._slots)
 
 
 def _blocking(breaker: Breaker, now: float) -> bool:
@@ -194,9 +221,12 @@ class Guards:
 
     # ------------------------------------------------------------------ concurrency
 
-    @asynccontextmanager
-    async def slot(self, enterprise: str) -> AsyncIterator[None]:
-        """Hold one of the enterprise's ``per_enterprise`` attempt slots (FIFO wait)."""
+    def slot(self, enterprise: str) -> _Slot:
+        """``async with``: hold one of the enterprise's ``per_enterprise`` attempt slots
+        (FIFO wait)."""
+        return _Slot(self, enterprise)
+
+    async def _take(self, enterprise: str) -> _Slots:
         slots = self._slots.setdefault(enterprise, _Slots())
         if slots.in_flight >= self.per_enterprise:
             waiter = asyncio.get_running_loop().create_future()
@@ -211,10 +241,7 @@ class Guards:
                 raise
         else:
             slots.in_flight += 1
-        try:
-            yield
-        finally:
-            self._release(enterprise, slots)
+        return slots
 
     def _release(self, enterprise: str, slots: _Slots) -> None:
         while slots.waiters:

@@ -31,6 +31,17 @@ def test_sliding_window_never_lets_n_plus_one_into_a_window() -> None:
     assert window.reserve(0.0, max_wait_s=0.5) is None, "too far away: not reserved"
 
 
+def test_sliding_window_forgets_instants_older_than_the_window() -> None:
+    # A limit raised to 100,000/s must not keep 100,000 timestamps per enterprise.
+    window = SlidingWindow(100_000, window_s=1.0)
+    for n in range(1_000):
+        window.reserve(n * 0.001, max_wait_s=0.0)
+        window.sent(n * 0.001)
+    assert window.wait_to_send(5.0) == 0.0
+    assert window.reserve(5.0, max_wait_s=0.0) == 5.0
+    assert len(window._times) == 1 and len(window._sent) == 0
+
+
 async def test_acquire_rejects_when_the_wait_is_too_long() -> None:
     clock = Clock()
     guards = Guards({"default": 2}, 4, Metrics("t"), max_wait_s=0.0, clock=clock)
