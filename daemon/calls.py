@@ -272,15 +272,18 @@ def _time(body: Mapping[str, Any], key: str) -> datetime | None:
     text = value.strip()
     if not text or _ZERO_TIME.fullmatch(text):
         return None
-    for layout in _TIME_FORMATS:
-        try:
-            return datetime.strptime(text, layout)  # naive: host-local by contract
-        except ValueError:
-            continue
     try:
+        # The usual shape, parsed in C: ten times cheaper than strptime, and every event
+        # carries several times. Naive: host-local by contract.
         return datetime.fromisoformat(text)
     except ValueError:
-        raise MalformedEvent(key, f"expected 'YYYY-MM-DD HH:MM:SS', got {value!r}") from None
+        pass
+    for layout in _TIME_FORMATS:  # what strptime also takes: "2025-1-9 9:20:00"
+        try:
+            return datetime.strptime(text, layout)
+        except ValueError:
+            continue
+    raise MalformedEvent(key, f"expected 'YYYY-MM-DD HH:MM:SS', got {value!r}")
 
 
 def _dial_status(body: Mapping[str, Any]) -> str:

@@ -8,6 +8,7 @@ masks values under known secret keys and secret-looking substrings (JWTs, ``apiK
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -38,8 +39,11 @@ _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
 
 def is_secret_key(key: object) -> bool:
     """True when a mapping key names a secret (``api_key``, ``X-API-KEY``, ``clientId``...)."""
-    if not isinstance(key, str):
-        return False
+    return isinstance(key, str) and _names_secret(key)
+
+
+@functools.lru_cache(maxsize=4096)  # keys repeat: every log row has the same few
+def _names_secret(key: str) -> bool:
     return key.lower().replace("-", "").replace("_", "") in SECRET_KEYS
 
 
