@@ -1,11 +1,11 @@
 """Each attempt's record: the delivery's new state and its ``integration_logs`` row, batched.
 
 The dispatcher hands every settled attempt to ``OutcomeWriter.put`` (no await, no I/O on the
-hot path). One background task writes whatever has accumulated — the state changes with one
-``UPDATE … FROM unnest(…)`` fenced by lease, the log rows with one ``INSERT … SELECT unnest``,
-any new holds — in one transaction: a burst of thousands of attempts is a handful of round
-trips. While one batch is being written the next accumulates, so batches grow with load and
-an idle system writes at once.
+hot path). One background task writes whatever has accumulated — the state changes
+(``UPDATE … FROM unnest(…)`` fenced by lease) and the log rows (``INSERT … SELECT unnest``)
+in one statement, plus any new holds in the same transaction: a burst of thousands of
+attempts is a handful of round trips. While one batch is being written the next
+accumulates, so batches grow with load and an idle system writes at once.
 
 ``mask`` is applied to every request and response before it becomes a log row: values under
 secret-looking keys are masked, and so is any occurrence of the enterprise's own secrets
@@ -166,22 +166,23 @@ class OutcomeWriter:
     async def _write(self, batch: list[Settlement], *, with_logs: bool = True) -> None:
         rows = [s.log for s in batch if s.log is not None] if with_logs else []
         holds = {s.hold for s in batch if s.hold is not None}
-        async with self._pool.acquire() as conn, conn.transaction():
-            settled = await conn.fetch(
-                store.SETTLE, self._integration,
-                [s.event_id for s in batch], [s.lease for s in batch],
-                [s.status for s in batch], [s.attempts_delta for s in batch],
-                [s.delay_s for s in batch], [s.last_error for s in batch],
-            )
-            if rows:
-                await conn.execute(
-                    store.INSERT_LOGS, self._integration,
-                    [r.enterprise for r in rows], [r.event_type for r in rows],
-                    [_json(r.request) for r in rows], [_json(r.response) for r in rows],
-                    ["success" if r.ok else "error" for r in rows], [r.error for r in rows],
-                )
-            for enterprise, reason, detail in sorted(holds):
-                await conn.execute(store.PUT_HOLD, enterprise, self._integration, reason, detail)
+        args = (
+            store.SETTLE, self._integration,
+            [s.event_id for s in batch], [s.lease for s in batch],
+            [s.status for s in batch], [s.attempts_delta for s in batch],
+            [s.delay_s for s in batch], [s.last_error for s in batch],
+            [r.enterprise for r in rows], [r.event_type for r in rows],
+            [_json(r.request) for r in rows], [_json(r.response) for r in rows],
+            ["success" if r.ok else "error" for r in rows], [r.error for r in rows],
+        )
+        if not holds:  # the usual batch: one statement, one round trip
+            settled = await self._pool.fetch(*args)
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                settled = await conn.fetch(*args)
+                for enterprise, reason, detail in sorted(holds):
+                    await conn.execute(store.PUT_HOLD, enterprise, self._integration, reason,
+                                       detail)
         if any(row["unblocks"] for row in settled):
             for callback in self._on_settled:
                 callback()

@@ -236,14 +236,24 @@ SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.lease_s,
  ORDER BY t.event_id
 """
 
-# Settle a batch: each row's outcome, fenced by the lease it was claimed under (a row whose
-# lease another instance has taken over is left alone). status 'pending' reschedules:
-# delay_s NULL keeps next_attempt_at, attempts_delta -1 un-counts an attempt not made.
+# Settle a batch and write its log rows, in one statement (one round trip, no explicit
+# transaction: a data-modifying CTE runs to completion whether or not its rows are read).
+# Each delivery's outcome is fenced by the lease it was claimed under (a row whose lease
+# another instance has taken over is left alone). status 'pending' reschedules: delay_s NULL
+# keeps next_attempt_at, attempts_delta -1 un-counts an attempt not made. The log arrays
+# ($8…$13) may be empty.
 SETTLE = """
 WITH o AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::float8[],
                          $7::text[])
         AS o(event_id, lease, status, attempts_delta, delay_s, last_error)
+), logged AS (
+    INSERT INTO integration_logs (enterprise_number, integration_type, event_type,
+                                  request_data, response_data, status, error_message)
+    SELECT l.enterprise_number, $1, l.event_type, l.request_data::jsonb,
+           l.response_data::jsonb, l.status, l.error_message
+      FROM unnest($8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::text[])
+        AS l(enterprise_number, event_type, request_data, response_data, status, error_message)
 )
 UPDATE crm_deliveries d
    SET status = o.status,
@@ -268,15 +278,6 @@ RETURNING d.event_id,
                  AND n.unique_id = d.unique_id
                  AND n.status = 'pending'
                  AND n.event_id > d.event_id) AS unblocks
-"""
-
-INSERT_LOGS = """
-INSERT INTO integration_logs (enterprise_number, integration_type, event_type, request_data,
-                              response_data, status, error_message)
-SELECT o.enterprise_number, $1, o.event_type, o.request_data::jsonb, o.response_data::jsonb,
-       o.status, o.error_message
-  FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[])
-    AS o(enterprise_number, event_type, request_data, response_data, status, error_message)
 """
 
 CALL_EVENTS = """

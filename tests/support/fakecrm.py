@@ -17,10 +17,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,15 +29,12 @@ from daemon.calls import StoredEvent, parse_event
 from daemon.errors import AuthFailed, ConfigError, Permanent, Retryable
 from daemon.integrations.base import (
     AdapterDeps,
-    CredentialsCheck,
-    CrmUser,
     Delivered,
     DeliveryContext,
     Exchange,
-    IntegrationConfig,
     Outcome,
-    RegistrationResult,
 )
+from tests.support.stand_in import StandInCrm
 
 NAME = "fakecrm"
 FAKE = "tests.support.fakecrm"  # the module path to run it: --integration tests.support.fakecrm
@@ -63,7 +59,8 @@ class FakeConfig:
         return (self.api_key,)
 
 
-class FakeCrmAdapter:
+class FakeCrmAdapter(StandInCrm):
+    crm_label = "the fake CRM"
     name = NAME
     event_types = frozenset({"dial", "hangup", "download"})
     rate_limits: Mapping[str, float] = {"default": 50.0}
@@ -118,34 +115,6 @@ class FakeCrmAdapter:
             ctx.record(Exchange("POST", "/deliver", body, status, answer,
                                 time.monotonic() - started))
         return _classify(status, answer, retry_after)
-
-    def routes(self) -> Sequence[web.AbstractRouteDef]:
-        return []
-
-    # The rest of the protocol, trivially: the fake CRM has no users, module or callbacks.
-
-    async def check_credentials(self, config: IntegrationConfig) -> CredentialsCheck:
-        return CredentialsCheck(ok=True, message="the fake CRM takes any key")
-
-    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
-        return []
-
-    async def register(self, enterprise: str) -> RegistrationResult:
-        return RegistrationResult(ok=True, message="nothing to register in the fake CRM")
-
-    async def unregister(self, enterprise: str) -> RegistrationResult:
-        return RegistrationResult(ok=True, message="nothing to unregister in the fake CRM")
-
-    async def responsible_extension(
-        self, enterprise: str, config: IntegrationConfig, phone: str, *, timeout_s: float = 1.0
-    ) -> str | None:
-        return None
-
-    def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
-        return {}
-
-    def templates_dir(self) -> Path | None:
-        return None
 
 
 def _classify(status: int, answer: Any, retry_after: str | None) -> Outcome:

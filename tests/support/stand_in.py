@@ -1,0 +1,59 @@
+"""What a stand-in CRM (the tests' fake, the benchmarks' no-op) has of the adapter protocol
+beyond delivering: nothing — no users, no module to register, no callbacks, no background
+loops, no admin pages. Subclasses name themselves in ``crm_label`` for the messages."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from daemon.integrations.base import (
+    CredentialsCheck,
+    CrmUser,
+    IntegrationConfig,
+    RegistrationResult,
+)
+
+
+class StandInCrm:
+    """The adapter protocol's members a CRM without users, module or callbacks needs."""
+
+    crm_label = "the stand-in CRM"
+
+    def routes(self) -> Sequence[web.AbstractRouteDef]:
+        """No callbacks."""
+        return []
+
+    async def check_credentials(self, config: IntegrationConfig) -> CredentialsCheck:
+        """Any credentials do."""
+        return CredentialsCheck(ok=True, message=f"{self.crm_label} takes any key")
+
+    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
+        """Nobody."""
+        return []
+
+    async def register(self, enterprise: str) -> RegistrationResult:
+        """Nothing to register."""
+        return RegistrationResult(ok=True, message=f"nothing to register in {self.crm_label}")
+
+    async def unregister(self, enterprise: str) -> RegistrationResult:
+        """Nothing to unregister."""
+        return RegistrationResult(ok=True, message=f"nothing to unregister in {self.crm_label}")
+
+    async def responsible_extension(
+        self, enterprise: str, config: IntegrationConfig, phone: str, *, timeout_s: float = 1.0
+    ) -> str | None:
+        """Nobody is responsible."""
+        return None
+
+    def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
+        """No background loops."""
+        return {}
+
+    def templates_dir(self) -> Path | None:
+        """No admin pages."""
+        return None
