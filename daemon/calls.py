@@ -19,6 +19,7 @@ Pure: no I/O, no clock, no logging.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -387,16 +388,22 @@ def fold_call(events: Sequence[CallEvent]) -> CallState:
 
 def _distinct(events: Sequence[CallEvent]) -> tuple[CallEvent, ...]:
     seen_ids: set[int] = set()
-    seen_content: set[CallEvent] = set()
+    seen_content: set[tuple[Any, ...]] = set()
     kept: list[CallEvent] = []
     for event in sorted(events, key=lambda e: e.id):
-        content = dataclasses.replace(event, id=0, received_at=_EPOCH, origin="")
+        content = _content(event)
         if event.id in seen_ids or content in seen_content:
             continue
         seen_ids.add(event.id)
         seen_content.add(content)
         kept.append(event)
     return tuple(kept)
+
+
+# What makes two events the same content: every field but where and when it was stored.
+_content = operator.attrgetter(*(
+    f.name for f in dataclasses.fields(CallEvent) if f.name not in {"id", "received_at", "origin"}
+))
 
 
 def _ending(ordered: Sequence[CallEvent]) -> CallEvent | None:
