@@ -19,21 +19,12 @@ from daemon.calls import (
     parse_call,
     parse_event,
 )
+from tests.support.bodies import BRIDGE_TRUNK, START, TOKEN, UID
+from tests.support.bodies import DIAL_IN as DIAL
 
-UID = "1757772742.60"
-TOKEN = "375291234567"
 RECEIVED = datetime(2025, 9, 13, 14, 12, 22, tzinfo=UTC)
 INTERNAL = frozenset({"150", "151", "152", "153"})
 
-START = {"Token": TOKEN, "UniqueId": UID, "CallType": 0, "Phone": "+375291112233",
-         "Trunk": "0001363"}
-DIAL = {"Token": TOKEN, "UniqueId": UID, "CallType": 0, "Phone": "+375291112233",
-        "Extensions": ["150", "151", "152", "375297778899"], "Trunk": "0001363",
-        "ExtPhone": "+375291112233"}
-BRIDGE_TRUNK = {"Token": TOKEN, "UniqueId": UID, "Channel": "SIP/0001363-0000001b",
-                "Exten": "0001363", "CallerIDNum": "375291112233", "CallerIDName": "<unknown>",
-                "ConnectedLineNum": "151", "ConnectedLineName": "<unknown>",
-                "BridgeUniqueid": "6d9f0b8e-3c1a-4e53-9a57-2b9a1b7c0d11"}
 BRIDGE_AGENT = {"Token": TOKEN, "UniqueId": UID, "Channel": "SIP/151-0000001c", "Exten": "151",
                 "CallerIDNum": "151", "CallerIDName": "Оператор 151",
                 "ConnectedLineNum": "375291112233", "ConnectedLineName": "<unknown>",

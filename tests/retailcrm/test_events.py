@@ -11,9 +11,8 @@ import pytest
 
 from daemon.calls import CallEvent, MalformedEvent, StoredEvent, parse_event
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, Skip, batches, plan
+from tests.support.bodies import BRIDGE_TRUNK, DIAL_IN, START, TOKEN, UID
 
-UID = "1757772742.60"
-TOKEN = "375291234567"
 RECEIVED = datetime(2025, 9, 13, 14, 14, 6, tzinfo=UTC)
 LINE = "+375173334455"
 REC = "https://records.example.by/2025/09/13/1757772742.60.mp3"
@@ -29,15 +28,6 @@ OPTIONS = MappingOptions(
 
 # ---------------------------------------------------------------- real bodies
 
-START = {"Token": TOKEN, "UniqueId": UID, "CallType": 0, "Phone": "+375291112233",
-         "Trunk": "0001363"}
-DIAL_IN = {"Token": TOKEN, "UniqueId": UID, "CallType": 0, "Phone": "+375291112233",
-           "Extensions": ["150", "151", "152", "375297778899"], "Trunk": "0001363",
-           "ExtPhone": "+375291112233"}
-BRIDGE_TRUNK = {"Token": TOKEN, "UniqueId": UID, "Channel": "SIP/0001363-0000001b",
-                "Exten": "0001363", "CallerIDNum": "375291112233", "CallerIDName": "<unknown>",
-                "ConnectedLineNum": "151", "ConnectedLineName": "<unknown>",
-                "BridgeUniqueid": "6d9f0b8e-3c1a-4e53-9a57-2b9a1b7c0d11"}
 BRIDGE_151 = {"Token": TOKEN, "UniqueId": UID, "Channel": "SIP/151-0000001c", "Exten": "151",
               "CallerIDNum": "151", "CallerIDName": "151", "ConnectedLineNum": "375291112233",
               "ConnectedLineName": "<unknown>",
