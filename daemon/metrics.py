@@ -153,6 +153,16 @@ class Metrics:
             "crm_bridge_events_ingested_total", "Events received over HTTP, by result.",
             ["result"], registry=r,
         )
+        # --- the process
+        self.loop_lag = Gauge(
+            "crm_bridge_event_loop_lag_seconds",
+            "How late the event loop ran a timer at the last look: time ready work waited.",
+            registry=r,
+        )
+        self.loop_lag_seconds = Histogram(
+            "crm_bridge_event_loop_lag_seconds_observed", "Event loop lag, every look.",
+            buckets=_FAST_BUCKETS, registry=r,
+        )
 
     def render(self) -> bytes:
         """The text exposition format of every collector."""

@@ -19,7 +19,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, retention, store
+from daemon import __version__, db, loopwatch, retention, store
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
 from daemon.dispatcher import Dispatcher
@@ -156,6 +156,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("dispatcher", rt.dispatcher.run(stopping))
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
+    spawn("loop-watch", loopwatch.run(rt.metrics, stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
                                          s.purge_interval_s, rt.metrics, stopping))
     for name, coro in rt.adapter.tasks(stopping).items():
