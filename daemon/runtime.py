@@ -1,8 +1,8 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
-``build`` is the composition root's one place of construction (STYLE.md rules 1 and 2):
-pool, HTTP session, metrics registry, crypto, adapter, and — as later parts arrive — the
-config cache, listener, dispatcher and log writer. Each is set up with its teardown pushed
+``build`` is the composition root's one place of construction (no singletons; setup and
+teardown in pairs): pool, HTTP session, metrics registry, crypto, adapter, config cache,
+ownership, dispatcher, log writer and listener. Each is set up with its teardown pushed
 onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
 """
 
@@ -29,6 +29,7 @@ from daemon.integrations.base import Adapter, AdapterDeps
 from daemon.listener import Listener
 from daemon.logs import OutcomeWriter
 from daemon.metrics import Metrics
+from daemon.ownership import BEATS_PER_LEASE, Ownership
 from daemon.retry import Policy
 from daemon.settings import Settings
 from daemon.supervisor import Supervisor
@@ -52,6 +53,7 @@ class Runtime:
     cache: ConfigCache
     guards: Guards
     writer: OutcomeWriter
+    ownership: Ownership
     dispatcher: Dispatcher
     listener: Listener | None
     started_at: float = field(default_factory=time.time)
@@ -87,7 +89,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
                 crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
                 secret_key=settings.secret_key,
                 settings={"retailcrm_module_code": settings.retailcrm_module_code,
-                          "retailcrm_module_name": settings.retailcrm_module_name},
+                          "retailcrm_module_name": settings.retailcrm_module_name,
+                          "upload_settle_s": settings.upload_settle_s},
             ),
         )
         supervisor = Supervisor()
@@ -97,21 +100,26 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         guards = Guards({**adapter.rate_limits, **dict(settings.rate_limits)},
                         settings.enterprise_concurrency, metrics)
         writer = OutcomeWriter(pool, adapter.name, metrics)
+        ownership = Ownership(pool, adapter.name, settings.instance_id, metrics,
+                              ownership_s=settings.ownership_s)
         dispatcher = Dispatcher(
-            pool, adapter, cache, guards, writer, metrics, instance_id=settings.instance_id,
-            http=http,
+            pool, adapter, cache, guards, writer, metrics, ownership,
+            instance_id=settings.instance_id, http=http,
             policy=Policy(settings.max_attempts, settings.max_age_s, settings.retry_base_s,
                           settings.retry_max_s),
             concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
             doorbell_window_s=await store.doorbell_window_s(pool),
+            takeover_s=max(2 * settings.poll_interval_s,
+                           settings.ownership_s / BEATS_PER_LEASE),
         )
+        ownership.busy = dispatcher.busy
         listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
-            dispatcher=dispatcher, listener=listener,
+            ownership=ownership, dispatcher=dispatcher, listener=listener,
         )
         metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
@@ -119,6 +127,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             stack.push_async_callback(listener.close)
             await listener.open()  # LISTEN first: then the startup load is the first catch-up
         await cache.refresh_all("startup")
+        await ownership.beat()  # alive before the first claim: enterprises hash to us
+        stack.push_async_callback(ownership.retire)
         stack.push_async_callback(supervisor.cancel_all)
         _start_tasks(runtime)
         yield runtime
@@ -153,6 +163,7 @@ def _start_tasks(rt: Runtime) -> None:
     if rt.listener is not None:
         spawn("listener", rt.listener.run(stopping))
     spawn("config-refresher", rt.cache.run_refresher(stopping))
+    spawn("ownership", rt.ownership.run(stopping))
     spawn("dispatcher", rt.dispatcher.run(stopping))
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))

@@ -57,6 +57,8 @@ class Settings:
     poll_interval_s: float = 1.0
     attempt_timeout_s: float = 3.0
     lease_s: float = 30.0
+    ownership_s: float = 15.0
+    upload_settle_s: float = 3.0
     concurrency: int = 200
     enterprise_concurrency: int = 4
     max_attempts: int = 12
@@ -128,6 +130,16 @@ def _positive_float(raw: str) -> float:
         raise ValueError(f"expected a number, got {raw!r}") from None
     if not value > 0:
         raise ValueError("must be greater than 0")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number, 0 or more")
     return value
 
 
@@ -256,6 +268,13 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("poll_interval_s", _positive_float, "dispatcher poll interval (default 1)"),
     _Field("attempt_timeout_s", _positive_float, "hard limit of one delivery attempt (default 3)"),
     _Field("lease_s", _positive_float, "claim lease, at least 2x the attempt timeout (default 30)"),
+    _Field("ownership_s", _positive_float,
+           "lease of an instance on the enterprises it serves, renewed while it lives; a dead "
+           "instance's enterprises are served again within it. At least 2x the attempt "
+           "timeout + 2 (default 15)"),
+    _Field("upload_settle_s", _non_negative_float,
+           "a hangup's history upload waits this long after the hangup is stored, folding "
+           "in the call's late events; its popup does not wait (default 3)"),
     _Field("concurrency", _int, "deliveries in flight per process (default 200)"),
     _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise (default 4)"),
     _Field("max_attempts", _int, "attempts before a delivery fails (default 12)"),
@@ -332,6 +351,12 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
         raise SettingsError(
             PREFIX + "LEASE_S",
             f"must be at least twice CRM_BRIDGE_ATTEMPT_TIMEOUT_S ({settings.attempt_timeout_s})",
+        )
+    if settings.ownership_s < 2 * settings.attempt_timeout_s + 2:
+        raise SettingsError(
+            PREFIX + "OWNERSHIP_S",
+            "must be at least twice CRM_BRIDGE_ATTEMPT_TIMEOUT_S plus 2 seconds "
+            f"({2 * settings.attempt_timeout_s + 2:g})",
         )
     if settings.db_pool_max < max(settings.db_pool_min, 2):
         raise SettingsError(PREFIX + "DB_POOL_MAX", "must be >= 2 and >= CRM_BRIDGE_DB_POOL_MIN")

@@ -199,15 +199,39 @@ async def insert_event(
 # Due deliveries of one integration, oldest first, skipping what another instance holds,
 # what a held enterprise owns, and any delivery whose call has an earlier one still
 # pending (per-call order). Takes a lease and counts the attempt in the same statement.
+#
+# Only enterprises this instance owns are claimed (crm_owners, sql/005): those whose live
+# ownership row names it, and free ones (no live row) it takes in the same statement — if
+# it is the live instance the enterprise hashes to, or whoever comes once the work has
+# waited $8 s for that one. Two instances taking one enterprise at once meet on its
+# crm_owners row: one wins, the other's rows of it are left alone. ``owner_s`` is how long
+# the ownership lasts from the statement's start.
+#
+# $1 integration, $2 limit, $3 enterprises to skip, $4 lease s, $5 lease tag,
+# $6 instance id, $7 ownership s, $8 takeover s.
 CLAIM = """
 WITH due AS (
-    SELECT d.event_id, d.locked_until IS NOT NULL AS reclaimed
+    SELECT d.event_id, d.enterprise_number, d.locked_until IS NOT NULL AS reclaimed,
+           o.owner IS NOT NULL AS owned,
+           extract(epoch FROM o.until - now())::float8 AS owner_s
       FROM crm_deliveries d
+      LEFT JOIN crm_owners o
+        ON o.integration_type = d.integration_type
+       AND o.enterprise_number = d.enterprise_number
+       AND o.until >= now()
      WHERE d.integration_type = $1
        AND d.status = 'pending'
        AND d.next_attempt_at <= now()
        AND (d.locked_until IS NULL OR d.locked_until < now())
        AND d.enterprise_number <> ALL ($3::text[])
+       AND CASE WHEN o.owner IS NOT NULL THEN o.owner = $6
+                WHEN d.next_attempt_at < now() - make_interval(secs => $8) THEN true
+                ELSE $6 = (SELECT i.instance_id FROM crm_instances i
+                            WHERE i.integration_type = $1 AND i.alive_until >= now()
+                            ORDER BY hashtext(d.enterprise_number || '/' || i.instance_id) DESC,
+                                     i.instance_id
+                            LIMIT 1)
+           END
        AND NOT EXISTS (
                SELECT 1 FROM crm_deliveries p
                 WHERE p.integration_type = d.integration_type
@@ -217,21 +241,37 @@ WITH due AS (
                   AND p.event_id < d.event_id)
      ORDER BY d.next_attempt_at, d.event_id
      LIMIT $2
-       FOR UPDATE SKIP LOCKED
+       FOR UPDATE OF d SKIP LOCKED
 ), taken AS (
+    INSERT INTO crm_owners AS o (integration_type, enterprise_number, owner, until)
+    SELECT DISTINCT $1, due.enterprise_number, $6, now() + make_interval(secs => $7)
+      FROM due
+     WHERE NOT due.owned
+     ORDER BY 2
+        ON CONFLICT (integration_type, enterprise_number) DO UPDATE
+       SET owner = EXCLUDED.owner, until = EXCLUDED.until
+     WHERE o.until < now()
+ RETURNING o.enterprise_number
+), claimable AS (
+    SELECT due.event_id, due.reclaimed, due.owner_s FROM due WHERE due.owned
+     UNION ALL
+    SELECT due.event_id, due.reclaimed, $7::float8
+      FROM due JOIN taken ON taken.enterprise_number = due.enterprise_number
+     WHERE NOT due.owned
+), claimed AS (
     UPDATE crm_deliveries d
        SET locked_until = now() + make_interval(secs => $4),
            locked_by = $5,
            attempts = d.attempts + 1
-      FROM due
-     WHERE d.integration_type = $1 AND d.event_id = due.event_id
- RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed,
+      FROM claimable c
+     WHERE d.integration_type = $1 AND d.event_id = c.event_id
+ RETURNING d.event_id, d.attempts, d.queued_at, d.steps_done, c.reclaimed, c.owner_s,
            extract(epoch FROM d.locked_until - now())::float8 AS lease_s
 )
-SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.lease_s,
+SELECT t.event_id, t.attempts, t.queued_at, t.steps_done, t.reclaimed, t.lease_s, t.owner_s,
        e.enterprise_number, e.event_type, e.unique_id, e.payload, e.record_url, e.origin,
-       e.received_at
-  FROM taken t
+       e.received_at, extract(epoch FROM now() - e.received_at)::float8 AS stored_s
+  FROM claimed t
   JOIN crm_events e ON e.id = t.event_id
  ORDER BY t.event_id
 """
@@ -240,13 +280,14 @@ SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.lease_s,
 # transaction: a data-modifying CTE runs to completion whether or not its rows are read).
 # Each delivery's outcome is fenced by the lease it was claimed under (a row whose lease
 # another instance has taken over is left alone). status 'pending' reschedules: delay_s NULL
-# keeps next_attempt_at, attempts_delta -1 un-counts an attempt not made. The log arrays
+# keeps next_attempt_at, attempts_delta -1 un-counts an attempt not made. ``steps`` ($14)
+# is the delivery's steps done so far, comma-joined (NULL keeps them). The log arrays
 # ($8…$13) may be empty.
 SETTLE = """
 WITH o AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::float8[],
-                         $7::text[])
-        AS o(event_id, lease, status, attempts_delta, delay_s, last_error)
+                         $7::text[], $14::text[])
+        AS o(event_id, lease, status, attempts_delta, delay_s, last_error, steps)
 ), logged AS (
     INSERT INTO integration_logs (enterprise_number, integration_type, event_type,
                                   request_data, response_data, status, error_message)
@@ -261,6 +302,8 @@ UPDATE crm_deliveries d
        next_attempt_at = CASE WHEN o.delay_s IS NULL THEN d.next_attempt_at
                               ELSE now() + make_interval(secs => o.delay_s) END,
        last_error = coalesce(o.last_error, d.last_error),
+       steps_done = CASE WHEN o.steps IS NULL THEN d.steps_done
+                         ELSE string_to_array(o.steps, ',') END,
        delivered_at = CASE WHEN o.status = 'done' THEN now() ELSE d.delivered_at END,
        locked_until = NULL,
        locked_by = NULL
@@ -279,6 +322,80 @@ RETURNING d.event_id,
                  AND n.status = 'pending'
                  AND n.event_id > d.event_id) AS unblocks
 """
+
+# ------------------------------------------------------------------ ownership (sql/005)
+
+# One instance's heartbeat: it is alive for $3 s more, and every enterprise it owns is its
+# for $3 s more (rows locked in enterprise order, like the claim takes them: no deadlock
+# between the two). Returns the enterprises renewed, each with the live instance it hashes
+# to now (the claim's rule): one that hashes elsewhere is handed over. Instances gone for a
+# day are forgotten.
+HEARTBEAT = """
+WITH me AS (
+    INSERT INTO crm_instances (integration_type, instance_id, alive_until)
+    VALUES ($1, $2, now() + make_interval(secs => $3))
+        ON CONFLICT (integration_type, instance_id)
+        DO UPDATE SET alive_until = EXCLUDED.alive_until
+), gone AS (
+    DELETE FROM crm_instances
+     WHERE integration_type = $1 AND alive_until < now() - interval '1 day'
+), renewed AS (
+    UPDATE crm_owners o
+       SET until = now() + make_interval(secs => $3)
+      FROM (SELECT enterprise_number FROM crm_owners
+             WHERE integration_type = $1 AND owner = $2
+             ORDER BY enterprise_number
+               FOR UPDATE) mine
+     WHERE o.integration_type = $1 AND o.enterprise_number = mine.enterprise_number
+ RETURNING o.enterprise_number
+)
+SELECT r.enterprise_number,
+       (SELECT i.instance_id FROM crm_instances i
+         WHERE i.integration_type = $1 AND (i.alive_until >= now() OR i.instance_id = $2)
+         ORDER BY hashtext(r.enterprise_number || '/' || i.instance_id) DESC, i.instance_id
+         LIMIT 1) AS preferred
+  FROM renewed r
+"""
+
+# Hand enterprises over: nobody takes them for $4 s (the CRM's rate window, so the next
+# owner's first requests cannot share a window with this one's last).
+RELEASE_OWNERSHIP = """
+UPDATE crm_owners
+   SET owner = '', until = now() + make_interval(secs => $4)
+ WHERE integration_type = $1 AND owner = $2 AND enterprise_number = ANY ($3::text[])
+"""
+
+# A graceful stop: every enterprise handed over as above, and the instance gone.
+RETIRE_INSTANCE = """
+WITH released AS (
+    UPDATE crm_owners
+       SET owner = '', until = now() + make_interval(secs => $3)
+     WHERE integration_type = $1 AND owner = $2
+)
+DELETE FROM crm_instances WHERE integration_type = $1 AND instance_id = $2
+"""
+
+
+async def heartbeat(
+    db: Executor, integration: str, instance: str, ownership_s: float
+) -> list[tuple[str, str]]:
+    """Renew this instance and its enterprises (``HEARTBEAT``); (enterprise, the live
+    instance it hashes to) for each one renewed."""
+    rows = await db.fetch(HEARTBEAT, integration, instance, ownership_s)
+    return [(r["enterprise_number"], r["preferred"]) for r in rows]
+
+
+async def release_ownership(
+    db: Executor, integration: str, instance: str, enterprises: Iterable[str], quiet_s: float
+) -> None:
+    """Hand ``enterprises`` over (``RELEASE_OWNERSHIP``)."""
+    await db.execute(RELEASE_OWNERSHIP, integration, instance, sorted(enterprises), quiet_s)
+
+
+async def retire_instance(db: Executor, integration: str, instance: str, quiet_s: float) -> None:
+    """Hand every enterprise over and leave the live instances (``RETIRE_INSTANCE``)."""
+    await db.execute(RETIRE_INSTANCE, integration, instance, quiet_s)
+
 
 CALL_EVENTS = """
 SELECT id, event_type, unique_id, payload, record_url, origin, received_at
@@ -337,7 +454,7 @@ REPLAY = """
 WITH picked AS (
     UPDATE crm_deliveries d
        SET status = 'pending', attempts = 0, queued_at = now(), next_attempt_at = now(),
-           last_error = NULL, locked_until = NULL, locked_by = NULL
+           last_error = NULL, locked_until = NULL, locked_by = NULL, steps_done = '{}'
       FROM crm_events e
      WHERE e.id = d.event_id
        AND d.integration_type = $1
