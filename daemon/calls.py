@@ -524,10 +524,14 @@ def bridged_answerer(state: CallState, is_internal: Callable[[str], bool]) -> st
     side is internal. The last such bridge (in id order) wins: after a transfer it names
     the extension that took the call over.
     """
+    customer = phones.digits(state.phone)
     found: str | None = None
     for bridge in state.bridges:
-        if any(_is_outside(x, state, is_internal) for x in _sides(bridge)):
-            found = _internal_side(bridge, state.phone, is_internal) or found
+        sides = [x for x in _sides(bridge) if _is_party(x)]
+        internal = [x for x in sides if is_internal(x)]
+        outside = (x for x in sides if x not in internal)
+        if internal and any(x == state.trunk or _same_number(x, customer) for x in outside):
+            found = next((x for x in internal if x != state.phone), internal[0])
     return found
 
 
@@ -561,18 +565,12 @@ def _is_party(number: str) -> bool:
     return bool(number) and not number.startswith("<") and number.lower() not in _ANONYMOUS
 
 
-def _is_outside(side: str, state: CallState, is_internal: Callable[[str], bool]) -> bool:
-    if not _is_party(side) or is_internal(side):
-        return False
-    return side == state.trunk or _same_number(side, state.phone)
-
-
-def _same_number(a: str, b: str) -> bool:
-    """One number written two ways: the same digits, or the same last nine of them."""
-    x, y = phones.digits(a), phones.digits(b)
-    if len(x) >= _SUBSCRIBER_DIGITS and len(y) >= _SUBSCRIBER_DIGITS:
-        return x[-_SUBSCRIBER_DIGITS:] == y[-_SUBSCRIBER_DIGITS:]
-    return bool(x) and x == y
+def _same_number(number: str, digits: str) -> bool:
+    """``number`` is ``digits`` written another way: the same digits, or the same last nine."""
+    own = phones.digits(number)
+    if len(own) >= _SUBSCRIBER_DIGITS and len(digits) >= _SUBSCRIBER_DIGITS:
+        return own[-_SUBSCRIBER_DIGITS:] == digits[-_SUBSCRIBER_DIGITS:]
+    return bool(own) and own == digits
 
 
 def _internal_side(
