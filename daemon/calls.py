@@ -462,9 +462,11 @@ def direction(state: CallState, is_internal: Callable[[str], bool]) -> CallType 
     1. The strongest declared ``CallType`` wins (:attr:`CallState.call_types`): a start's
        or a dial's, a hangup's only when no start or dial carries one.
     2. ``INTERNAL`` counts only when the call can be internal: its ``Phone`` is an internal
-       number, or it has none and every party of the call is one. A declared ``INTERNAL``
-       on a call with an outside ``Phone`` is ignored and the next declared type decides.
-       Click-to-call legs (``ExternalInitiated``) are exempt: they stay internal legs.
+       number, or it has none and every party of the call is one (an internal number is
+       one ``is_internal`` accepts, or one shaped like an extension, 2–5 digits, that the
+       enterprise has not listed). A declared ``INTERNAL`` on a call with an outside
+       ``Phone`` is ignored and the next declared type decides. Click-to-call legs
+       (``ExternalInitiated``) are exempt: they stay internal legs.
     3. With no declared type left, the events decide: internal as in 2 (with at least one
        party); incoming when the call has a ``start`` (outgoing calls have none) or a dial
        with ``ExtPhone`` (only incoming dials carry it); outgoing when click-to-call
@@ -485,11 +487,18 @@ def direction(state: CallState, is_internal: Callable[[str], bool]) -> CallType 
 
 
 def _internal_parties(state: CallState, is_internal: Callable[[str], bool]) -> bool | None:
-    """Whether the call is between internal numbers; ``None`` when it names no party."""
+    """Whether the call is between internal numbers; ``None`` when it names no party.
+
+    An extension-shaped number (2–5 digits) the enterprise has not listed counts as
+    internal here: only a number that cannot be an extension contradicts ``CallType`` 2.
+    """
+    def internal(number: str) -> bool:
+        return is_internal(number) or phones.is_extension(number)
+
     if state.phone:
-        return is_internal(state.phone)
+        return internal(state.phone)
     parties = _parties(state)
-    return all(is_internal(x) for x in parties) if parties else None
+    return all(internal(x) for x in parties) if parties else None
 
 
 def _parties(state: CallState) -> set[str]:
