@@ -11,10 +11,19 @@ The loop (one per process):
 2. **Claim** up to ``min(free capacity, CLAIM_BATCH)`` due deliveries in one statement
    (``store.CLAIM``: ``FOR UPDATE SKIP LOCKED``, per-call order, held enterprises skipped),
    under a lease of ``lease_s``. An instance that dies loses its leases when they expire.
+   The claim itself dead-letters a delivery whose lease expired without an outcome
+   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. Each claimed
+   row's payload is decoded on its own: a row that cannot be read is dead-lettered at once
+   as ``malformed``, and the rest of the batch goes on.
 3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
    lease long enough to finish), then the adapter under a hard ``attempt_timeout_s``.
 4. **Settle** by error class through ``retry.decide``; the ``OutcomeWriter`` writes the
    outcomes and log rows in batches, fenced by lease.
+
+The database going away stops nothing for good: a failed claim is reported to the
+process's ``DatabaseHealth`` and retried after a jittered pause; no claim is made while the
+outcome writer cannot write (the leases it holds would expire and count against their
+deliveries); a call's events that cannot be loaded make the attempt ``Retryable``.
 
 Graceful stop: no new claims; in-flight attempts get ``grace_s`` to finish; whatever is
 left is cancelled and released (lease dropped, attempt not counted).
@@ -38,9 +47,10 @@ from typing import Any
 import asyncpg
 import structlog
 
-from daemon import store
+from daemon import db, store
 from daemon.cache import ConfigCache, Entry
 from daemon.calls import StoredEvent
+from daemon.db import DatabaseHealth, UnreadableJson, decode_json
 from daemon.errors import DeliveryError, Retryable
 from daemon.guards import Guards, LocalRateLimit
 from daemon.integrations.base import Adapter, Delivered, DeliveryContext, Outcome
@@ -60,6 +70,10 @@ LEASE_MARGIN_S = 1.0
 STATS_INTERVAL_S = 5.0
 # Wake-ups remembered for scheduled retries (beyond that, the poll finds them).
 MAX_RETRY_WAKES = 10_000
+# Deliveries given back because the database could not be read come due again after this.
+UNAVAILABLE_RETRY_S = 1.0
+# The error id of an attempt that failed because the database (not the CRM) was away.
+DATABASE_UNAVAILABLE = "database_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +110,8 @@ class Dispatcher:
         grace_s: float = 10.0,
         notify: bool = True,
         doorbell_window_s: float = 0.005,
+        max_lease_expiries: int = 3,
+        health: DatabaseHealth | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._pool = pool
@@ -114,6 +130,9 @@ class Dispatcher:
         self._grace_s = grace_s
         self._notify = notify
         self._recheck_after_s = doorbell_window_s + RECHECK_MARGIN_S
+        self._max_lease_expiries = max_lease_expiries
+        self._health = health or DatabaseHealth()
+        self._claim_failures = 0
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._recheck_at: float | None = None
@@ -126,6 +145,8 @@ class Dispatcher:
         writer.on_settled(self.wake)
         self._outcomes = {outcome: metrics.deliveries.labels(outcome)
                           for outcome in ("done", "skipped", "failed", "retried")}
+        self._rejected = {reason: metrics.deliveries_rejected.labels(reason)
+                          for reason in ("malformed", "poison", "attempts")}
 
     # ------------------------------------------------------------------ waking
 
@@ -179,8 +200,16 @@ class Dispatcher:
                     await self._sleep(stopping)
                     continue
                 self._wake.clear()
+                if self._writer.failing:
+                    # Outcomes cannot be written: new claims would only add leases that
+                    # expire unsettled. The writer's success wakes us (``on_settled``).
+                    await self._health.pause(self._writer.failures, stopping)
+                    continue
                 asked = min(free, CLAIM_BATCH)
                 claimed = await self._claim(asked)
+                if claimed is None:
+                    await self._health.pause(self._claim_failures, stopping)
+                    continue
                 for group in self._group(claimed):
                     self._start(group)
                 if len(claimed) < asked:
@@ -189,29 +218,49 @@ class Dispatcher:
             await self._drain()
             self.finished.set()
 
-    async def _claim(self, limit: int) -> list[Claimed]:
+    async def _claim(self, limit: int) -> list[Claimed] | None:
+        """Claim up to ``limit`` deliveries; None when the claim itself failed."""
         held = set(self._cache.held()) | set(self._guards.blocked())
         lease = f"{self._instance_id}:{next(self._claim_no)}"
         started = time.monotonic()
         try:
-            rows = await self._pool.fetch(
-                store.CLAIM, self._adapter.name, limit, sorted(held), self._lease_s, lease
+            rows = await store.claim(
+                self._pool, self._adapter.name, limit, held, self._lease_s, lease,
+                max_lease_expiries=self._max_lease_expiries,
+                max_attempts=self._policy.max_attempts,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("claim_failed", error=type(exc).__name__)
-            return []
+        except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+            self._claim_failures += 1
+            if not self._health.failed(exc, "dispatcher"):
+                log.warning("claim_failed", error=type(exc).__name__)
+            return None
         finally:
             self._metrics.claims.inc()
             self._metrics.claim_seconds.observe(time.monotonic() - started)
+        self._claim_failures = 0
+        self._health.succeeded()
         self.claimed_total += len(rows)
-        return [self._claimed(row, lease, started) for row in rows]
+        claimed = []
+        for row in rows:
+            if row["reclaimed"]:
+                self._metrics.leases_reclaimed.inc()
+            if row["dead"] is not None:
+                self._dead_lettered(row)
+            elif (item := self._claimed(row, lease, started)) is not None:
+                claimed.append(item)
+        return claimed
 
-    def _claimed(self, row: Mapping[str, Any], lease: str, started: float) -> Claimed:
-        if row["reclaimed"]:
-            self._metrics.leases_reclaimed.inc()
+    def _claimed(self, row: Mapping[str, Any], lease: str, started: float) -> Claimed | None:
+        """The claimed row as a ``Claimed``; None when its payload cannot be read (it is
+        dead-lettered as ``malformed`` at once: no attempt could ever map it)."""
+        try:
+            payload = decode_json(row["payload"])
+        except UnreadableJson as exc:
+            self._malformed(row, lease, f"malformed: payload: {exc}")
+            return None
         event = StoredEvent(
             id=row["event_id"], event_type=row["event_type"], unique_id=row["unique_id"],
-            payload=row["payload"], record_url=row["record_url"], origin=row["origin"],
+            payload=payload, record_url=row["record_url"], origin=row["origin"],
             received_at=row["received_at"],
         )
         return Claimed(
@@ -220,15 +269,38 @@ class Dispatcher:
             lease_deadline=started + float(row["lease_s"]),
         )
 
+    def _malformed(self, row: Mapping[str, Any], lease: str, reason: str) -> None:
+        log_row = LogRow(
+            enterprise=row["enterprise_number"], event_type=row["event_type"],
+            request={"unique_id": row["unique_id"], "event_id": row["event_id"],
+                     "attempt": row["attempts"], "requests": []},
+            response=[], ok=False, error=reason,
+        )
+        self._settle(Settlement(row["event_id"], lease, "failed", last_error=reason,
+                                log=log_row))
+        self._rejected["malformed"].inc()
+        self._outcomes["failed"].inc()
+        log.warning("delivery_failed", enterprise=row["enterprise_number"],
+                    unique_id=row["unique_id"], delivery_id=row["event_id"],
+                    event_type=row["event_type"], attempt=row["attempts"], error=reason)
+
+    def _dead_lettered(self, row: Mapping[str, Any]) -> None:
+        """The claim dead-lettered this row itself (``store.CLAIM``: poison or attempts)."""
+        self._rejected[row["dead"]].inc()
+        self._outcomes["failed"].inc()
+        log.warning("delivery_failed", enterprise=row["enterprise_number"],
+                    unique_id=row["unique_id"], delivery_id=row["event_id"],
+                    event_type=row["event_type"], attempt=row["attempts"],
+                    error=row["last_error"])
+        self._wake.set()  # the call's next delivery, if any, is due now
+
     def _group(self, claimed: list[Claimed]) -> list[list[Claimed]]:
         """One group per attempt: alone, or with others of the same enterprise and batch key
         (the claim holds at most one delivery per call, so batching keeps per-call order)."""
         groups: list[list[Claimed]] = []
         open_groups: dict[tuple[str, str], list[Claimed]] = {}
         for item in claimed:
-            entry = self._cache.get(item.enterprise)
-            config = entry.config if entry is not None else None
-            key = self._adapter.batch_key(item.event, config) if config is not None else None
+            key = self._batch_key(item)
             if key is None or self._adapter.max_batch <= 1:
                 groups.append([item])
                 continue
@@ -238,6 +310,17 @@ class Dispatcher:
                 groups.append(group)
             group.append(item)
         return groups
+
+    def _batch_key(self, item: Claimed) -> str | None:
+        entry = self._cache.get(item.enterprise)
+        if entry is None or entry.config is None:
+            return None
+        try:
+            return self._adapter.batch_key(item.event, entry.config)
+        except Exception:  # an adapter bug must not stop the loop: that row goes alone
+            self._metrics.bug_errors.inc()
+            log.exception("adapter_bug", event_type=item.event.event_type, where="batch_key")
+            return None
 
     def _start(self, group: list[Claimed]) -> None:
         task = asyncio.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
@@ -279,6 +362,20 @@ class Dispatcher:
         except asyncio.CancelledError:
             self._release(group, "stopped before the attempt finished")
             raise
+        except Exception as exc:
+            # Outside the adapter (which has its own classification): the database, or a
+            # bug of ours. Either way the deliveries are settled now, not left to their
+            # leases — a bug is counted as an attempt, so the attempts cap ends it.
+            if self._health.failed(exc, "dispatcher"):
+                self._release(group, "database unavailable", delay_s=UNAVAILABLE_RETRY_S)
+                return
+            self._metrics.bug_errors.inc()
+            log.exception("attempt_bug", event_type=first.event.event_type)
+            delay = self._policy.base_delay_s * self._rng.uniform(1.0, 2.0)
+            self._schedule_wake(delay)
+            for item in group:
+                self._settle(Settlement(item.event.id, item.lease, "pending", delay_s=delay,
+                                        last_error=f"bug: {type(exc).__name__}"))
 
     async def _attempt_guarded(self, group: list[Claimed]) -> None:
         enterprise = group[0].enterprise
@@ -335,10 +432,15 @@ class Dispatcher:
                                  error_id="timeout")] * len(ctxs)
         except DeliveryError as exc:
             results = [exc] * len(ctxs)
-        except Exception as exc:  # anything else escaping an adapter is a bug
-            self._metrics.bug_errors.inc()
-            log.exception("adapter_bug", event_type=group[0].event.event_type)
-            results = [exc] * len(ctxs)
+        except Exception as exc:
+            if self._health.failed(exc, "attempt"):
+                # The database (its call's events, the enterprise's numbers...), not the
+                # adapter: retried like any outage, never counted as a bug.
+                results = [_database_unavailable(exc)] * len(ctxs)
+            else:  # anything else escaping an adapter is a bug
+                self._metrics.bug_errors.inc()
+                log.exception("adapter_bug", event_type=group[0].event.event_type)
+                results = [exc] * len(ctxs)
         elapsed = time.monotonic() - started
         self._metrics.attempt_seconds.observe(elapsed)
         for item, ctx, result in zip(group, ctxs, results, strict=True):
@@ -348,8 +450,24 @@ class Dispatcher:
                 self._succeeded(item, entry, ctx, result, elapsed)
 
     async def _load_call(self, item: Claimed) -> Sequence[StoredEvent]:
-        rows = await store.call_events(self._pool, item.enterprise, item.event.unique_id)
-        return [StoredEvent(**dict(row)) for row in rows]
+        """Every readable stored event of the item's call. A row that cannot be decoded is
+        left out (its own delivery, if it has one, fails as ``malformed``); the database
+        being away raises ``Retryable`` — an outage, not a bug of the adapter."""
+        try:
+            rows = await store.call_events(self._pool, item.enterprise, item.event.unique_id)
+        except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+            if not self._health.failed(exc, "attempt"):
+                raise
+            raise _database_unavailable(exc) from None
+        events = []
+        for row in rows:
+            try:
+                payload = decode_json(row["payload"])
+            except UnreadableJson as exc:
+                log.info("call_event_unreadable", event_id=row["id"], reason=str(exc))
+                continue
+            events.append(StoredEvent(**{**dict(row), "payload": payload}))
+        return events
 
     def _succeeded(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
                    outcome: Outcome, elapsed: float) -> None:
@@ -378,7 +496,9 @@ class Dispatcher:
             self._guards.throttle(item.enterprise, error.retry_after or 1.0)
             self._release([item], "rate limit", delay_s=error.retry_after)
             return
-        if isinstance(error, Retryable) and not error.rate_limited:
+        if error_id(error) == DATABASE_UNAVAILABLE:
+            pass  # not the CRM's doing: its breaker stays as it is
+        elif isinstance(error, Retryable) and not error.rate_limited:
             self._guards.failed(item.enterprise)
         elif isinstance(error, DeliveryError):
             self._guards.succeeded(item.enterprise)  # a definite answer: the CRM is up
@@ -452,9 +572,13 @@ class Dispatcher:
     async def run_stats(self, stopping: asyncio.Event) -> None:
         """Refresh the queue gauges every ``STATS_INTERVAL_S`` (one cheap query)."""
         while not stopping.is_set():
-            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                                     TimeoutError):
+            try:
                 row = await self._pool.fetchrow(store.QUEUE_STATS, self._adapter.name)
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+                if not self._health.failed(exc, "queue-stats"):
+                    log.warning("queue_stats_failed", error=type(exc).__name__)
+            else:
+                self._health.succeeded()
                 if row is not None:
                     self._metrics.queue_depth.set(row["pending"])
                     self._metrics.oldest_due_seconds.set(row["oldest_due_s"])
@@ -473,3 +597,13 @@ class Dispatcher:
 
 def _secrets(entry: Entry) -> tuple[str, ...]:
     return entry.config.secrets() if entry.config is not None else ()
+
+
+def _database_unavailable(exc: BaseException) -> Retryable:
+    return Retryable(f"the database was unavailable ({type(exc).__name__})",
+                     error_id=DATABASE_UNAVAILABLE)
+
+
+def error_id(error: BaseException) -> str | None:
+    """The stable error id of a delivery error (None for anything else)."""
+    return error.error_id if isinstance(error, DeliveryError) else None
