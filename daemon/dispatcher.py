@@ -12,9 +12,11 @@ The loop (one per process):
    (``store.CLAIM``: ``FOR UPDATE SKIP LOCKED``, per-call order, held enterprises skipped),
    under a lease of ``lease_s``. An instance that dies loses its leases when they expire.
    The claim itself dead-letters a delivery whose lease expired without an outcome
-   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. Each claimed
-   row's payload is decoded on its own: a row that cannot be read is dead-lettered at once
-   as ``malformed``, and the rest of the batch goes on.
+   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. A reclaimed
+   delivery (a *suspect*: its last holder never reported) comes alone, and nothing else is
+   claimed while it is in flight: if it crashes this process too, it takes nothing else
+   down with it. Each claimed row's payload is decoded on its own: a row that cannot be
+   read is dead-lettered at once as ``malformed``, and the rest of the batch goes on.
 3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
    lease long enough to finish), then the adapter under a hard ``attempt_timeout_s``.
 4. **Settle** by error class through ``retry.decide``; the ``OutcomeWriter`` writes the
@@ -86,6 +88,7 @@ class Claimed:
     queued_at: datetime
     lease: str
     lease_deadline: float  # monotonic
+    suspect: bool = False  # reclaimed: its last holder's lease expired without an outcome
 
 
 class Dispatcher:
@@ -140,6 +143,7 @@ class Dispatcher:
         self._claim_no = itertools.count(1)
         self._inflight: dict[asyncio.Task[None], int] = {}  # task -> deliveries it carries
         self._inflight_count = 0
+        self._suspects = 0  # suspect attempts in flight (see the module docstring)
         self.finished = asyncio.Event()
         self.claimed_total = 0
         writer.on_settled(self.wake)
@@ -193,9 +197,10 @@ class Dispatcher:
         try:
             while not stopping.is_set():
                 free = self._concurrency - self._inflight_count
-                if free <= 0:
-                    # Nothing to claim for: wait for capacity (``_done`` wakes us), the stop,
-                    # or a timer; a wake-up asked meanwhile is served when capacity is back.
+                if free <= 0 or self._suspects:
+                    # Nothing to claim for, or a suspect runs alone: wait for capacity or
+                    # its end (``_done`` wakes us), the stop, or a timer; a wake-up asked
+                    # meanwhile is served when the loop may claim again.
                     self._wake.clear()
                     await self._sleep(stopping)
                     continue
@@ -266,7 +271,7 @@ class Dispatcher:
         return Claimed(
             event=event, enterprise=row["enterprise_number"], attempt=row["attempts"],
             queued_at=row["queued_at"], lease=lease,
-            lease_deadline=started + float(row["lease_s"]),
+            lease_deadline=started + float(row["lease_s"]), suspect=row["reclaimed"],
         )
 
     def _malformed(self, row: Mapping[str, Any], lease: str, reason: str) -> None:
@@ -327,6 +332,9 @@ class Dispatcher:
         self._inflight[task] = len(group)
         self._inflight_count += len(group)
         self._metrics.inflight.set(self._inflight_count)
+        if any(item.suspect for item in group):
+            self._suspects += 1
+            task.add_done_callback(self._suspect_done)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -335,6 +343,10 @@ class Dispatcher:
         self._metrics.inflight.set(self._inflight_count)
         if was_full:
             self._wake.set()  # capacity came back
+
+    def _suspect_done(self, _task: asyncio.Task[None]) -> None:
+        self._suspects -= 1
+        self._wake.set()  # claims may resume
 
     async def _drain(self) -> None:
         if self._inflight:

@@ -285,6 +285,9 @@ async def insert_event(
 # $6, or its attempts have reached $7 (CRM_BRIDGE_MAX_ATTEMPTS), the claim dead-letters it
 # instead ('poison' / 'attempts' in ``dead``) and writes its log row: a row that kills
 # every process attempting it cannot do so forever. Dead rows come back without payload.
+# A reclaimed delivery that lives on is a suspect (``reclaimed``): it is taken alone (with
+# any dead ones), so if it is what crashed its last holder, the deliveries in flight with
+# it are not what it takes down again — an innocent delivery is not poisoned by company.
 # The payload comes as text, decoded row by row by the dispatcher (see daemon/db.py).
 CLAIM = """
 WITH due AS (
@@ -307,6 +310,12 @@ WITH due AS (
      ORDER BY d.next_attempt_at, d.event_id
      LIMIT $2
        FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT due.* FROM due
+     WHERE due.dead IS NOT NULL
+        OR due.event_id = coalesce(
+               (SELECT min(s.event_id) FROM due s WHERE s.reclaimed AND s.dead IS NULL),
+               due.event_id)
 ), taken AS (
     UPDATE crm_deliveries d
        SET locked_until = CASE WHEN due.dead IS NULL
@@ -323,7 +332,7 @@ WITH due AS (
                    'attempts: gave up after %s attempts, the last one without an outcome',
                    d.attempts)
                ELSE d.last_error END
-      FROM due
+      FROM picked due
      WHERE d.integration_type = $1 AND d.event_id = due.event_id
  RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed, due.dead, d.last_error,
            d.enterprise_number, d.unique_id,
