@@ -111,7 +111,7 @@ _KEYS = ("enabled", "domain", "api_key", "client_id", "popup_incoming", "popup_o
          "token_version", "last_sync", "sync_pending")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(_KEYS), _JSON, max_size=8))
 def test_retailcrm_config_of_any_shape_parses_or_names_the_field(raw: dict[str, Any]) -> None:
     # Whatever stands under each key, the parser answers with a config or a ConfigError:
