@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--integration", help="adapter to run (default CRM_BRIDGE_INTEGRATION)")
     sub.add_parser("migrate", help="apply the database migrations (idempotent)")
-    check = sub.add_parser("check", help="validate settings and reach the database")
+    check = sub.add_parser("check", help="validate settings, reach the database, find "
+                           "pending migrations and ambiguous Tokens")
     check.add_argument("--integration")
     sub.add_parser("genkey", help="print a new key for CRM_BRIDGE_ENCRYPTION_KEYS")
     replay = sub.add_parser("replay", help="put failed deliveries back in the queue")
@@ -151,10 +152,20 @@ async def _check(settings: Settings) -> int:
     conn = await db.connect(settings.database_url, command_timeout_s=10.0)
     try:
         missing = await pending(conn, load_migrations(find_sql_dir(settings.sql_dir)))
+        ambiguous = [] if missing else await store.ambiguous_tokens(conn)
     finally:
         await conn.close()
     if missing:
         log.error("migrations_pending", versions=[m.version for m in missing])
+        return EXIT_FAILED
+    if ambiguous:
+        # Events carrying these Tokens are refused (docs/events.md): the operator must
+        # give each of these enterprises a Token of its own.
+        for row in ambiguous:
+            shown = repr(row["token"]) if row["level"] == "name2" else "(a secret, not shown)"
+            print(f"ambiguous Token {shown}: the {row['level']} of active enterprises "
+                  f"{', '.join(row['enterprises'])}; their events are refused", flush=True)
+        log.error("ambiguous_tokens", count=len(ambiguous))
         return EXIT_FAILED
     log.info("check_ok", settings=settings.describe())
     return EXIT_OK

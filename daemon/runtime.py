@@ -22,6 +22,7 @@ from aiohttp import web
 from daemon import __version__, db, loopwatch, retention, store
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
+from daemon.db import DatabaseHealth
 from daemon.dispatcher import Dispatcher
 from daemon.guards import Guards
 from daemon.integrations import load as load_adapter
@@ -29,6 +30,7 @@ from daemon.integrations.base import Adapter, AdapterDeps
 from daemon.listener import Listener
 from daemon.logs import OutcomeWriter
 from daemon.metrics import Metrics
+from daemon.migrate import find_sql_dir, load_migrations
 from daemon.ownership import BEATS_PER_LEASE, Ownership
 from daemon.retry import Policy
 from daemon.settings import Settings
@@ -56,6 +58,8 @@ class Runtime:
     ownership: Ownership
     dispatcher: Dispatcher
     listener: Listener | None
+    health: DatabaseHealth
+    migrations: frozenset[int]  # the versions this build's sql/ holds (``/ready``)
     started_at: float = field(default_factory=time.time)
 
 
@@ -82,6 +86,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         )
         stack.push_async_callback(http.close)
         metrics = Metrics(settings.integration)
+        health = DatabaseHealth(metrics)
         crypto = Crypto(settings.encryption_keys, settings.secret_key)
         adapter = load_adapter(
             settings.integration,
@@ -91,17 +96,18 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
                 settings={"retailcrm_module_code": settings.retailcrm_module_code,
                           "retailcrm_module_name": settings.retailcrm_module_name,
                           "upload_settle_s": settings.upload_settle_s},
+                health=health,
             ),
         )
         supervisor = Supervisor()
         cache = ConfigCache(pool, adapter, crypto, metrics, ttl_s=settings.config_ttl_s,
-                            refresh_s=settings.config_refresh_s)
+                            refresh_s=settings.config_refresh_s, health=health)
         stack.push_async_callback(cache.close)
         guards = Guards({**adapter.rate_limits, **dict(settings.rate_limits)},
                         settings.enterprise_concurrency, metrics)
-        writer = OutcomeWriter(pool, adapter.name, metrics)
+        writer = OutcomeWriter(pool, adapter.name, metrics, health=health)
         ownership = Ownership(pool, adapter.name, settings.instance_id, metrics,
-                              ownership_s=settings.ownership_s)
+                              ownership_s=settings.ownership_s, health=health)
         dispatcher = Dispatcher(
             pool, adapter, cache, guards, writer, metrics, ownership,
             instance_id=settings.instance_id, http=http,
@@ -113,13 +119,17 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             doorbell_window_s=await store.doorbell_window_s(pool),
             takeover_s=max(2 * settings.poll_interval_s,
                            settings.ownership_s / BEATS_PER_LEASE),
+            max_lease_expiries=settings.max_lease_expiries, health=health,
         )
         ownership.busy = dispatcher.busy
-        listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
+        listener = (_listener(settings, cache, dispatcher, metrics, health)
+                    if settings.notify else None)
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
-            ownership=ownership, dispatcher=dispatcher, listener=listener,
+            ownership=ownership, dispatcher=dispatcher, listener=listener, health=health,
+            migrations=frozenset(m.version for m in
+                                 load_migrations(find_sql_dir(settings.sql_dir))),
         )
         metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
@@ -135,7 +145,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
-              metrics: Metrics) -> Listener:
+              metrics: Metrics, health: DatabaseHealth) -> Listener:
     async def catch_up(since: float) -> None:
         await cache.catch_up(since)
         dispatcher.wake()
@@ -145,7 +155,7 @@ def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
         {"crm_events": dispatcher.doorbell, "crm_config": lambda p: on_config(cache, p)},
         catch_up, metrics, probe_interval_s=settings.listener_probe_s,
         command_timeout_s=settings.db_command_timeout_s,
-        application_name=f"crm-bridge:{settings.integration}:listener",
+        application_name=f"crm-bridge:{settings.integration}:listener", health=health,
     )
 
 
@@ -169,6 +179,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
     spawn("loop-watch", loopwatch.run(rt.metrics, stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
-                                         s.purge_interval_s, rt.metrics, stopping))
+                                         s.purge_interval_s, rt.metrics, stopping,
+                                         health=rt.health))
     for name, coro in rt.adapter.tasks(stopping).items():
         spawn(f"{rt.adapter.name}-{name}", coro)

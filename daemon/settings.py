@@ -62,6 +62,7 @@ class Settings:
     concurrency: int = 200
     enterprise_concurrency: int = 4
     max_attempts: int = 12
+    max_lease_expiries: int = 3
     max_age_s: float = 86_400.0
     retry_base_s: float = 1.0
     retry_max_s: float = 300.0
@@ -278,6 +279,9 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("concurrency", _int, "deliveries in flight per process (default 200)"),
     _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise (default 4)"),
     _Field("max_attempts", _int, "attempts before a delivery fails (default 12)"),
+    _Field("max_lease_expiries", _int,
+           "leases expired without an outcome (a crash, a hang) before a delivery fails as "
+           "poison (default 3)"),
     _Field("max_age_s", _positive_float, "age after which a delivery fails (default 86400)"),
     _Field("retry_base_s", _positive_float, "first retry backoff ceiling, doubling (default 1)"),
     _Field("retry_max_s", _positive_float, "largest retry backoff (default 300)"),
@@ -366,6 +370,8 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
         raise SettingsError(PREFIX + "ENTERPRISE_CONCURRENCY", "must be at least 1")
     if settings.max_attempts < 1:
         raise SettingsError(PREFIX + "MAX_ATTEMPTS", "must be at least 1")
+    if settings.max_lease_expiries < 1:
+        raise SettingsError(PREFIX + "MAX_LEASE_EXPIRIES", "must be at least 1")
     return settings
 
 

@@ -11,8 +11,15 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.cache import Entry
-from daemon.ingest import FieldError, IncomingEvent, UnknownToken, accept, parse_envelope, parse_raw
+from daemon.cache import AmbiguousToken, Entry
+from daemon.ingest import (
+    FieldError,
+    IncomingEvent,
+    UnknownToken,
+    accept,
+    parse_envelope,
+    parse_raw,
+)
 from daemon.runtime import RUNTIME, Runtime
 from web.auth import require_service_token
 from web.middlewares import HttpError, field_error
@@ -27,7 +34,8 @@ async def _json_body(request: web.Request) -> Any:
         raise field_error("body", "is not valid JSON") from None
 
 
-async def _ingest(request: web.Request, parsed: IncomingEvent | str) -> web.Response:
+async def _ingest(request: web.Request, parsed: IncomingEvent | str,
+                  token_field: str) -> web.Response:
     runtime = request.app[RUNTIME]
     if isinstance(parsed, str):
         runtime.metrics.events_ingested.labels("ignored").inc()
@@ -37,8 +45,13 @@ async def _ingest(request: web.Request, parsed: IncomingEvent | str) -> web.Resp
         result = await accept(runtime.pool, runtime.cache.matrix, parsed)
     except UnknownToken:
         runtime.metrics.events_ingested.labels("unknown_token").inc()
-        raise HttpError(404, "unknown_token", "no enterprise has this token",
-                        {"field": "token"}) from None
+        raise HttpError(404, "unknown_token", "no active enterprise has this token",
+                        {"field": token_field}) from None
+    except AmbiguousToken as exc:
+        runtime.metrics.events_ingested.labels("ambiguous_token").inc()
+        raise HttpError(409, "ambiguous_token",
+                        f"{token_field}: {exc}; nothing was stored",
+                        {"field": token_field, "enterprises": list(exc.enterprises)}) from None
     runtime.metrics.events_ingested.labels("stored" if result.stored else "not_stored").inc()
     return web.json_response(result.body(), status=202)
 
@@ -51,7 +64,7 @@ async def post_event(request: web.Request) -> web.Response:
         parsed = parse_envelope(await _json_body(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
-    return await _ingest(request, parsed)
+    return await _ingest(request, parsed, "token")
 
 
 @routes.post("/api/events/{event_type}")
@@ -62,7 +75,7 @@ async def post_raw_event(request: web.Request) -> web.Response:
         parsed = parse_raw(request.match_info["event_type"], await _json_body(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
-    return await _ingest(request, parsed)
+    return await _ingest(request, parsed, "Token")
 
 
 def _describe(runtime: Runtime, entry: Entry) -> dict[str, Any]:

@@ -95,8 +95,10 @@ class DaemonProcess:
         return code
 
 
-async def start_process(env: Mapping[str, str], *args: str) -> DaemonProcess:
-    """``python -m daemon run`` with ``env``; returns once it logged ``listening``."""
+async def start_process(env: Mapping[str, str], *args: str,
+                        wait_listening: bool = True) -> DaemonProcess:
+    """``python -m daemon run`` with ``env``; returns once it logged ``listening`` (or at
+    once, without ``wait_listening``: a process that may die before it listens)."""
     full_env = {**os.environ, "CRM_BRIDGE_PORT": "0", **env, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "daemon", "run", *args, cwd=ROOT, env=full_env,
@@ -104,6 +106,8 @@ async def start_process(env: Mapping[str, str], *args: str) -> DaemonProcess:
     )
     daemon = DaemonProcess(proc)
     daemon._reader = asyncio.create_task(daemon._read())
+    if not wait_listening:
+        return daemon
     listening = await daemon.wait_for("listening")
     daemon.url = listening["url"]
     return daemon

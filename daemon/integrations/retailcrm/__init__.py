@@ -38,7 +38,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import store
+from daemon import db, store
 from daemon.calls import ENDING_TYPES, MalformedEvent, StoredEvent, parse_call, parse_event
 from daemon.errors import DeliveryError, Permanent
 from daemon.integrations.base import (
@@ -367,9 +367,10 @@ class RetailCrmAdapter:
                 return
             try:
                 await self.reconcile()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    TimeoutError) as exc:
-                log.warning("extensions_reconcile_failed", error=type(exc).__name__)
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+                health = self.deps.health
+                if health is None or not health.failed(exc, "extensions-sync"):
+                    log.warning("extensions_reconcile_failed", error=type(exc).__name__)
 
 
 def _config(ctx: DeliveryContext) -> cfg.RetailCrmConfig:

@@ -195,11 +195,11 @@ def _configure(args: argparse.Namespace, settings: Settings) -> int:
     async def work(tools: _Tools) -> tuple[bool, str]:
         if api_key is not None:
             values["api_key"] = tools.crypto.encrypt(api_key)
-        row = await store.load_enterprise(tools.pool, cfg.KEY, args.enterprise)
-        if row is None:
-            return False, f"Nothing was saved: there is no enterprise {args.enterprise}."
-        current = (row["integrations_config"] or {}).get(cfg.KEY) or {}
         try:
+            row = await store.load_enterprise(tools.pool, cfg.KEY, args.enterprise)
+            if row is None:
+                return False, f"Nothing was saved: there is no enterprise {args.enterprise}."
+            current = row["config"] if isinstance(row["config"], dict) else {}
             config = cfg.parse({**current, **values}, tools.crypto)
         except ConfigError as exc:
             return False, f"Nothing was saved: {exc}."

@@ -253,14 +253,15 @@ class Registrar:
     # ------------------------------------------------------------------ pieces
 
     async def _load(self, enterprise: str) -> _Loaded:
-        row = await store.load_enterprise(self._deps.pool, cfg.KEY, enterprise)
-        if row is None:
-            return _Loaded(None, False, _unknown(enterprise))
-        raw = (row["integrations_config"] or {}).get(cfg.KEY)
-        deactivated = HOLD_DEACTIVATED in (row["holds"] or {})
-        if not isinstance(raw, Mapping):
-            return _Loaded(None, deactivated, _not_configured(enterprise))
+        deactivated = False
         try:
+            row = await store.load_enterprise(self._deps.pool, cfg.KEY, enterprise)
+            if row is None:
+                return _Loaded(None, False, _unknown(enterprise))
+            raw = row["config"]
+            deactivated = HOLD_DEACTIVATED in (row["holds"] or {})
+            if not isinstance(raw, Mapping):
+                return _Loaded(None, deactivated, _not_configured(enterprise))
             return _Loaded(cfg.parse(raw, self._deps.crypto), deactivated)
         except ConfigError as exc:
             problem = RegistrationResult(
