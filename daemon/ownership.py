@@ -36,7 +36,8 @@ from collections.abc import Callable
 import asyncpg
 import structlog
 
-from daemon import store
+from daemon import db, store
+from daemon.db import DatabaseHealth
 from daemon.errors import Retryable
 from daemon.metrics import Metrics
 from daemon.ratewindow import WINDOW_S
@@ -51,8 +52,7 @@ QUIET_S = WINDOW_S + 0.5
 LAPSE_MARGIN_S = WINDOW_S + 0.25
 BEATS_PER_LEASE = 3
 RETRY_BEAT_S = 1.0  # after a failed heartbeat, or while a hand-over waits for attempts
-DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-             asyncpg.exceptions.InternalClientError, TimeoutError)
+DB_ERRORS = (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES)
 
 Clock = Callable[[], float]
 
@@ -78,6 +78,7 @@ class Ownership:
         *,
         ownership_s: float,
         busy: Callable[[str], bool] = lambda _enterprise: False,
+        health: DatabaseHealth | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._pool = pool
@@ -86,6 +87,7 @@ class Ownership:
         self._metrics = metrics
         self.ownership_s = ownership_s
         self.busy = busy
+        self._health = health or DatabaseHealth()
         self._clock = clock
         self._until: dict[str, float] = {}  # enterprise -> local deadline (monotonic)
         self._handing_over: set[str] = set()
@@ -153,13 +155,19 @@ class Ownership:
         log.warning("ownership_lost", enterprise=enterprise)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Beat every ``ownership_s / BEATS_PER_LEASE`` until ``stopping``; a failed beat
-        is logged once and retried every ``RETRY_BEAT_S`` (the leases lapse meanwhile, and
-        sending stops with them)."""
+        """Beat every ``ownership_s / BEATS_PER_LEASE`` until ``stopping`` (the first beat
+        is start-up's); a failed beat is logged once and retried every ``RETRY_BEAT_S``
+        (the leases lapse meanwhile, and sending stops with them)."""
+        interval = self.ownership_s / BEATS_PER_LEASE  # the start-up beat has just run
         while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), interval)
+            if stopping.is_set():
+                return
             interval = self.ownership_s / BEATS_PER_LEASE
             try:
                 await self.beat()
+                self._health.succeeded()
                 if self._renewal_failing:
                     self._renewal_failing = False
                     log.info("ownership_renewal_recovered")
@@ -167,12 +175,11 @@ class Ownership:
                     interval = min(interval, RETRY_BEAT_S)
             except DB_ERRORS as exc:
                 self._metrics.ownership_renewals_failed.inc()
-                if not self._renewal_failing:
-                    self._renewal_failing = True
+                # The database being away is logged once, by the process's health.
+                if not self._health.failed(exc, "ownership") and not self._renewal_failing:
                     log.warning("ownership_renewal_failed", error=type(exc).__name__)
+                self._renewal_failing = True
                 interval = min(interval, RETRY_BEAT_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), interval)
 
     async def retire(self) -> None:
         """Hand every enterprise over and leave the live instances (a graceful stop, once
