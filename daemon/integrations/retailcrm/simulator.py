@@ -543,6 +543,12 @@ class Simulator:
             record.key_source = "query" if key is not None else None
         record.key_ok = key is not None and key in self.keys
         record.key_id = None if key is None else key_fingerprint(key)
+        if request.method == "POST" and request.content_type == FORM_CONTENT_TYPE:
+            # Read (and recorded) first: a request a fault answers still says what it was.
+            posted = await request.post()
+            form = {k: v for k, v in posted.items() if isinstance(v, str)}
+            request[FORM] = form
+            record.form = {k: _try_json(v) if k in JSON_FIELDS else v for k, v in form.items()}
         # Faults stand for the network and the servers in front: they come before the API.
         if self.faults:
             answer = await self._apply_fault(request, record, key)
@@ -552,23 +558,20 @@ class Simulator:
             raise ApiError(403, WRONG_KEY_MSG)
         if self.rate_limit and not self._admit(key, record.path):
             raise ApiError(503, RATE_LIMIT_MSG)
-        if request.method == "POST":
-            if request.content_type != FORM_CONTENT_TYPE:
-                raise ApiError(
-                    400, f"POST bodies must be {FORM_CONTENT_TYPE}, not "
-                    f"{request.content_type or 'empty'}",
-                )
-            posted = await request.post()
-            form = {k: v for k, v in posted.items() if isinstance(v, str)}
-            request[FORM] = form
-            record.form = {k: _try_json(v) if k in JSON_FIELDS else v for k, v in form.items()}
+        if request.method == "POST" and request.content_type != FORM_CONTENT_TYPE:
+            raise ApiError(
+                400, f"POST bodies must be {FORM_CONTENT_TYPE}, not "
+                f"{request.content_type or 'empty'}",
+            )
         return await handler(request)
 
     async def _apply_fault(
         self, request: web.Request, record: RecordedRequest, key: str | None
     ) -> web.StreamResponse | None:
-        fault = next((f for f in self.faults if f.matches(record.path, key)), None)
-        if fault is None or (fault.ratio < 1 and self._rng.random() >= fault.ratio):
+        # The first fault that matches and whose share comes up this time.
+        fault = next((f for f in self.faults if f.matches(record.path, key)
+                      and (f.ratio >= 1 or self._rng.random() < f.ratio)), None)
+        if fault is None:
             return None
         fault.hits += 1
         record.fault = fault.kind()
