@@ -23,7 +23,11 @@ deployment only when one instance at a time sends for an enterprise. That instan
   next owner's first requests cannot share a CRM window with this one's last. A graceful
   stop hands everything over at once (``retire``).
 * **Dying.** A dead instance's leases run out after at most ``ownership_s``; the instances
-  alive take its enterprises at their next claim.
+  alive take its enterprises at their next claim. An instance restarted under the same
+  ``CRM_BRIDGE_INSTANCE_ID`` (a systemd unit with a fixed id) finds its enterprises still
+  its own and serves them at once — after one quiet window, since its previous process
+  may have sent for them a moment before it died. Two live processes must never share an
+  id (the default, host-pid, never does).
 """
 
 from __future__ import annotations
@@ -90,7 +94,10 @@ class Ownership:
         self._health = health or DatabaseHealth()
         self._clock = clock
         self._until: dict[str, float] = {}  # enterprise -> local deadline (monotonic)
+        # A previous process of this instance id may have sent for these a moment ago.
+        self._quiet_until: dict[str, float] = {}
         self._handing_over: set[str] = set()
+        self._beats = 0
         self._renewal_failing = False
 
     # ------------------------------------------------------------------ asked per attempt
@@ -101,7 +108,14 @@ class Ownership:
         return 0.0 if until is None else max(0.0, until - self._clock())
 
     def may_send(self, enterprise: str, duration_s: float) -> bool:
-        """Whether something lasting ``duration_s`` fits in the lease with the lapse margin."""
+        """Whether something lasting ``duration_s`` fits in the lease with the lapse margin
+        (and, for an enterprise inherited from this instance id's previous process, once a
+        rate window has passed since start-up)."""
+        quiet = self._quiet_until.get(enterprise)
+        if quiet is not None:
+            if self._clock() < quiet:
+                return False
+            del self._quiet_until[enterprise]
         return self.remaining(enterprise) >= duration_s + LAPSE_MARGIN_S
 
     def took(self, enterprise: str, lease_s: float, since: float) -> None:
@@ -128,7 +142,13 @@ class Ownership:
         sent = self._clock()
         renewed = await store.heartbeat(self._pool, self._integration, self.instance_id,
                                         self.ownership_s)
+        self._beats += 1
         mine = {enterprise for enterprise, _preferred in renewed}
+        if self._beats == 1:
+            # Start-up, and this instance id already owns these: its previous process (a
+            # restart under a fixed CRM_BRIDGE_INSTANCE_ID) may have sent for them within
+            # the CRM's rate window. Ours begin a quiet window later.
+            self._quiet_until = {e: sent + QUIET_S for e in mine}
         for enterprise in [e for e in self._until if e not in mine]:
             self._lost(enterprise)
         self._handing_over &= mine
