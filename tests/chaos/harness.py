@@ -114,6 +114,12 @@ async def prepare(cluster: ThrowawayCluster, sim: Simulator,
     its own API key and extensions 101–103 (101 and 102 mapped to RetailCRM users 1, 2)."""
     admin = await asyncpg.connect(cluster.url)
     try:
+        # As in production: a commit is acknowledged once it is in the WAL, so an immediate
+        # (crash-like) restart loses nothing acknowledged. The throwaway cluster's default
+        # (off) would lose the last moment's settlements, and the daemons would redo — and
+        # show again — what they had recorded as done.
+        await admin.execute("ALTER SYSTEM SET synchronous_commit = on")
+        await admin.execute("SELECT pg_reload_conf()")
         await admin.execute("CREATE DATABASE chaos")
     finally:
         await admin.close()
