@@ -47,7 +47,8 @@ async def enterprise(rt: Runtime, number: str) -> dict[str, Any]:
         },
         "last_success": _log(last_ok),
         "last_error": _log(last_error),
-        "listener": rt.listener.stats() if rt.listener is not None else {"mode": "poll-only"},
+        "listener": ({"mode": "listen", **rt.listener.stats()} if rt.listener is not None
+                     else {"mode": "poll-only"}),
         "cache": {"last_full_refresh_at": _epoch(rt.cache.last_full_refresh_at)},
     }
 

@@ -20,6 +20,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
+import structlog
 from aiohttp import web
 
 from daemon import diagnostics, journal, sessions
@@ -38,6 +39,8 @@ from web.auth import (
 )
 from web.middlewares import Handler, HttpError
 from web.templating import STATIC_DIR, render
+
+log = structlog.get_logger(__name__)
 
 HEARTBEAT_S: Final = 15.0
 SSE_RETRY_MS: Final = 2000
@@ -74,15 +77,23 @@ async def _headers(request: web.Request, response: web.StreamResponse) -> None:
 @web.middleware
 async def _pages_fail_as_html(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A refusal on a page is an HTML page; the API's stay JSON."""
+    if "/api/" in request.path:
+        return await handler(request)
     try:
         return await handler(request)
     except HttpError as exc:
-        if "/api/" in request.path:
+        status, error_id, message = exc.status, exc.error_id, exc.message
+    except web.HTTPException as exc:
+        if exc.status < 400:
             raise
-        return render(request, "error.html", {
-            "status": exc.status, "error": exc.error_id, "message": exc.message,
-            "prefix": admin_prefix(request.app[RUNTIME]),
-        }, status=exc.status)
+        status, error_id, message = exc.status, "http", ""
+    except Exception:
+        log.exception("page_failed", path=request.path)
+        status, error_id, message = 500, "internal", ""
+    return render(request, "error.html", {
+        "status": status, "error": error_id, "message": message,
+        "prefix": admin_prefix(request.app[RUNTIME]),
+    }, status=status)
 
 
 def _context(request: web.Request, principal: Principal, page: str,
