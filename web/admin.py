@@ -122,8 +122,6 @@ async def index(request: web.Request) -> web.StreamResponse:
             "Location": str(request.rel_url.with_query(rest))})
         set_cookie(request, response, request[NEW_SESSION])
         return response
-    if request.method == "POST":
-        return web.Response(status=303, headers={"Location": prefix + "/"})
     principal = await require_admin(request, None)
     return _redirect(f"{prefix}/{principal.enterprise}/connection")
 
