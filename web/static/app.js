@@ -66,7 +66,7 @@
     if (on) show(common.working, "", []);
   }
 
-  // ------------------------------------------------------------------ Подключение
+  // ------------------------------------------------------------------ connection page
   function collect(form) {
     const values = {};
     for (const field of form.querySelectorAll("input[name], select[name], textarea[name]")) {
@@ -123,7 +123,7 @@
     });
   }
 
-  // ------------------------------------------------------------------ Менеджеры
+  // ------------------------------------------------------------------ managers page
   function extensions(form) {
     const own = texts("managers-texts");
     const rows = () => [...document.querySelectorAll("tr[data-user-id]")];
@@ -177,7 +177,7 @@
     });
   }
 
-  // ------------------------------------------------------------------ Журнал
+  // ------------------------------------------------------------------ journal page
   function fill(row, item) {
     row.dataset.eventId = item.event_id;
     row.dataset.status = item.status;
