@@ -15,7 +15,7 @@ import pytest
 
 from daemon.crypto import Crypto
 from daemon.integrations.retailcrm.simulator import Simulator
-from tests.admin.conftest import A, B, PREFIX, SERVICE, Bridge, Browser
+from tests.admin.conftest import PREFIX, SERVICE, A, B, Bridge, Browser
 from tests.retailcrm.conftest import AMOCRM, KEY, amocrm_text, stored
 from tests.support import openapi
 from tests.support.seed import insert_event

@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 
 from daemon import links
 from daemon.settings import Settings
-from tests.admin.conftest import A, B, PREFIX, SERVICE, Bridge, Browser
+from tests.admin.conftest import PREFIX, SERVICE, A, B, Bridge, Browser
 from tests.conftest import TEST_SECRET_KEY
 from tests.support.daemon import running
 from web.app import create_app

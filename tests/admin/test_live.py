@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from tests.admin.conftest import A, B, PREFIX, Bridge, Browser
+from tests.admin.conftest import PREFIX, A, B, Bridge, Browser
 from tests.support.seed import insert_event
 
 
@@ -82,7 +82,7 @@ async def test_a_filtered_page_gets_only_matching_rows(
     async with live(browser, bridge, query="?call_id=1757772742.93") as events:
         await insert_event(pool, "hangup", hangup(A, "1757772742.92"))
         await insert_event(pool, "hangup", hangup(A, "1757772742.93"))
-        name, item = await asyncio.wait_for(events.get(), 5)
+        _name, item = await asyncio.wait_for(events.get(), 5)
         assert item["call_id"] == "1757772742.93"
 
 

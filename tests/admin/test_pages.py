@@ -7,7 +7,7 @@ import re
 
 import asyncpg
 
-from tests.admin.conftest import A, PREFIX, Bridge, Browser
+from tests.admin.conftest import PREFIX, A, Bridge, Browser
 from tests.admin.test_api import _deliveries
 from tests.retailcrm.conftest import KEY
 

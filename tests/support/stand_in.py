@@ -1,6 +1,7 @@
 """What a stand-in CRM (the tests' fake, the benchmarks' no-op) has of the adapter protocol
 beyond delivering: nothing — no users, no module to register, no callbacks, no background
-loops, no admin pages, no settings an admin could change. Subclasses name themselves in ``crm_label`` for the messages."""
+loops, no admin pages, no settings an admin could change. Subclasses name themselves in
+``crm_label`` for the messages."""
 
 from __future__ import annotations
 

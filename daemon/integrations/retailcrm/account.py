@@ -81,10 +81,10 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def prepare(current: Mapping[str, Any] | None, changes: Mapping[str, Any],
-            crypto: Crypto) -> tuple[dict[str, Any], cfg.RetailCrmConfig]:
-    """(the stored keys to write, the configuration they make); ``ConfigError`` names the
-    first field that is unknown, read-only or invalid — then nothing may be written."""
+def encode(changes: Mapping[str, Any], crypto: Crypto) -> dict[str, Any]:
+    """The stored keys a partial update sets, each value checked on its own (no database:
+    the CLI refuses a bad flag before connecting); ``ConfigError`` names the first field
+    that is unknown, read-only or malformed."""
     if not isinstance(changes, Mapping):
         raise ConfigError("body", "expected an object of settings")
     values: dict[str, Any] = {}
@@ -106,6 +106,15 @@ def prepare(current: Mapping[str, Any] | None, changes: Mapping[str, Any],
             values[name] = _external_phones(value)
         else:
             raise ConfigError(name[:40], "is not a setting of this integration")
+    return values
+
+
+def prepare(current: Mapping[str, Any] | None, changes: Mapping[str, Any],
+            crypto: Crypto) -> tuple[dict[str, Any], cfg.RetailCrmConfig]:
+    """(the stored keys to write, the configuration they make with ``current``):
+    :func:`encode`, then the whole result validated by ``config.parse`` — ``ConfigError``
+    names the field, and then nothing may be written."""
+    values = encode(changes, crypto)
     merged = {**(current or {}), **values}
     return values, cfg.parse(merged, crypto)
 
