@@ -227,14 +227,17 @@ async def live(request: web.Request) -> web.StreamResponse:
                                            "X-Accel-Buffering": "no"})
     await response.prepare(request)
     await response.write(f"retry: {SSE_RETRY_MS}\n: watching\n\n".encode())
-    async with runtime.feed.watch(principal.enterprise, where) as watcher:
-        stopping = runtime.supervisor.stopping
-        while not (stopping.is_set() or watcher.behind.is_set()):
-            item = await _next(watcher.queue, stopping, watcher.behind)
-            chunk = (f"event: delivery\ndata: {_json(item)}\n\n" if item is not None
-                     else ": heartbeat\n\n")
-            await response.write(chunk.encode())
-        await response.write(b"event: reload\ndata: {}\n\n")
+    try:
+        async with runtime.feed.watch(principal.enterprise, where) as watcher:
+            stopping = runtime.supervisor.stopping
+            while not (stopping.is_set() or watcher.behind.is_set()):
+                item = await _next(watcher.queue, stopping, watcher.behind)
+                chunk = (f"event: delivery\ndata: {_json(item)}\n\n" if item is not None
+                         else ": heartbeat\n\n")
+                await response.write(chunk.encode())
+            await response.write(b"event: reload\ndata: {}\n\n")
+    except ConnectionResetError:
+        pass  # the page was closed: nothing to tell anyone
     return response
 
 
