@@ -549,20 +549,27 @@ async def platform_session(db: Executor, token: str) -> str | None:
 
 # One page of an enterprise's deliveries, newest first, after the keyset cursor $3 (the
 # last event_id shown). Each filter is NULL when not asked for. crm_deliveries_journal_idx
-# makes the unfiltered page a backward index range scan of LIMIT rows.
+# makes the unfiltered page a backward index range scan of LIMIT rows, each joined to its
+# event by primary key: the LATERAL subquery (OFFSET 0 keeps it from being flattened) holds
+# the planner to that nested loop. A merge join it otherwise picks walks every newer event
+# of every enterprise: 25 ms instead of 1 on 200,000 events (docs/benchmarks.md).
 JOURNAL_PAGE = """
 SELECT d.event_id, d.unique_id, d.status, d.attempts, d.last_error, d.next_attempt_at,
-       d.delivered_at, e.event_type, e.origin, e.received_at,
-       e.payload ->> 'Phone' AS phone, e.payload ->> 'CallType' AS call_type
+       d.delivered_at, e.event_type, e.origin, e.received_at, e.phone, e.call_type
   FROM crm_deliveries d
-  JOIN crm_events e ON e.id = d.event_id
+ CROSS JOIN LATERAL (
+       SELECT e.event_type, e.origin, e.received_at, e.payload ->> 'Phone' AS phone,
+              e.payload ->> 'CallType' AS call_type
+         FROM crm_events e
+        WHERE e.id = d.event_id
+       OFFSET 0) e
  WHERE d.enterprise_number = $1 AND d.integration_type = $2
    AND ($3::bigint IS NULL OR d.event_id < $3)
    AND ($4::text IS NULL OR d.status = $4)
    AND ($5::text IS NULL OR e.event_type = $5)
    AND ($6::text IS NULL OR d.unique_id = $6)
    AND ($7::text IS NULL
-        OR regexp_replace(coalesce(e.payload ->> 'Phone', ''), '[^0-9]', '', 'g') LIKE $7)
+        OR regexp_replace(coalesce(e.phone, ''), '[^0-9]', '', 'g') LIKE $7)
    AND ($8::timestamptz IS NULL OR e.received_at >= $8)
    AND ($9::timestamptz IS NULL OR e.received_at < $9)
  ORDER BY d.event_id DESC
@@ -572,10 +579,15 @@ SELECT d.event_id, d.unique_id, d.status, d.attempts, d.last_error, d.next_attem
 # The same columns for given deliveries of the enterprises being watched (the live view).
 JOURNAL_ROWS = """
 SELECT d.enterprise_number, d.event_id, d.unique_id, d.status, d.attempts, d.last_error,
-       d.next_attempt_at, d.delivered_at, e.event_type, e.origin, e.received_at,
-       e.payload ->> 'Phone' AS phone, e.payload ->> 'CallType' AS call_type
+       d.next_attempt_at, d.delivered_at, e.event_type, e.origin, e.received_at, e.phone,
+       e.call_type
   FROM crm_deliveries d
-  JOIN crm_events e ON e.id = d.event_id
+ CROSS JOIN LATERAL (
+       SELECT e.event_type, e.origin, e.received_at, e.payload ->> 'Phone' AS phone,
+              e.payload ->> 'CallType' AS call_type
+         FROM crm_events e
+        WHERE e.id = d.event_id
+       OFFSET 0) e
  WHERE d.integration_type = $1 AND d.enterprise_number = ANY ($2::text[])
    AND (d.event_id > $3 OR d.event_id = ANY ($4::bigint[]))
  ORDER BY d.event_id
