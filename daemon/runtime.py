@@ -1,9 +1,9 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
-``build`` is the composition root's one place of construction (STYLE.md rules 1 and 2):
-pool, HTTP session, metrics registry, crypto, adapter, and — as later parts arrive — the
-config cache, listener, dispatcher and log writer. Each is set up with its teardown pushed
-onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
+``build`` is the composition root's one place of construction (no singletons; set-up and
+teardown in pairs): pool, HTTP session, metrics registry, crypto, adapter, config cache,
+listener, dispatcher, log writer and the journal's live feed. Each is set up with its
+teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 
 from daemon.integrations.retailcrm.simulator import Simulator
-from tests.admin.conftest import A, PREFIX, Bridge
+from tests.admin.conftest import PREFIX, A, Bridge
 from tests.retailcrm.conftest import KEY
 from tests.support.daemon import ROOT
 from tests.support.seed import insert_event

@@ -19,7 +19,7 @@ import pytest
 
 from daemon.crypto import Crypto
 from daemon.integrations.retailcrm.simulator import Simulator
-from tests.admin.conftest import A, PREFIX, Bridge
+from tests.admin.conftest import PREFIX, A, Bridge
 from tests.conftest import TEST_SECRET_KEY, settings_env
 from tests.retailcrm.conftest import AMOCRM, PUBLIC, amocrm_text, seed, stored
 from tests.support.daemon import ROOT
