@@ -7,6 +7,7 @@ import re
 
 import asyncpg
 
+from daemon.integrations.retailcrm.simulator import Simulator
 from tests.admin.conftest import PREFIX, A, Bridge, Browser
 from tests.admin.test_api import _deliveries
 from tests.retailcrm.conftest import KEY
@@ -91,3 +92,42 @@ async def test_an_unknown_page_is_an_html_404(bridge: Bridge, browser: Browser) 
     await browser.sign_in(bridge, A)
     async with browser.http.get(f"{bridge.url}{PREFIX}/{A}/nothing-here") as response:
         assert response.status == 404
+
+
+async def test_a_mismatch_with_retailcrm_is_shown_and_synchronised(
+    bridge: Bridge, browser: Browser, pool: asyncpg.Pool, admin_sim: Simulator
+) -> None:
+    await pool.execute("""UPDATE enterprises SET integrations_config = jsonb_set(
+        integrations_config, '{retailcrm,user_extensions}', '{"1": "101"}')
+        WHERE number = $1""", A)
+    assert (await bridge.rt.adapter.register(A)).ok
+    telephony = admin_sim.state.modules["vochi-telephony"]["integrations"]["telephony"]
+    telephony["additionalCodes"] = [{"userId": "1", "code": "103"}]  # edited in RetailCRM
+    await browser.sign_in(bridge, A)
+    async with browser.http.get(f"{bridge.url}{PREFIX}/{A}/managers") as response:
+        html = await response.text()
+    assert "Расхождения с RetailCRM" in html and 'data-action="sync"' in html
+    async with browser.http.post(f"{bridge.url}{PREFIX}/api/sync-extensions/{A}",
+                                 headers=browser.headers()) as response:
+        assert response.status == 200 and (await response.json())["ok"] is True
+    telephony = admin_sim.state.modules["vochi-telephony"]["integrations"]["telephony"]
+    assert telephony["additionalCodes"] == [{"userId": "1", "code": "101"}]
+    async with browser.http.get(f"{bridge.url}{PREFIX}/{A}/managers") as response:
+        assert "Расхождения с RetailCRM" not in await response.text()
+
+
+async def test_an_attempt_is_shown_masked_even_if_a_secret_slipped_into_its_row(
+    bridge: Bridge, browser: Browser, pool: asyncpg.Pool
+) -> None:
+    (event_id,) = await _deliveries(pool, 1)
+    await pool.execute(
+        "INSERT INTO integration_logs (enterprise_number, integration_type, event_type, "
+        "request_data, response_data, status, error_message) "
+        "VALUES ($1, 'retailcrm', 'hangup', $2, $3, 'error', $4)", A,
+        {"event_id": event_id, "note": f"key {KEY}", "apiKey": "visible?"},
+        {"echo": KEY}, f"refused {KEY}")
+    await browser.sign_in(bridge, A)
+    async with browser.http.get(
+            f"{bridge.url}{PREFIX}/api/journal/{A}/deliveries/{event_id}") as response:
+        text = await response.text()
+    assert response.status == 200 and KEY not in text and "visible?" not in text
