@@ -9,6 +9,7 @@ onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -113,7 +114,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
             dispatcher=dispatcher, listener=listener,
         )
-        metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
+        metrics.info.labels(adapter.name, __version__, socket.gethostname()).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
         if listener is not None:
             stack.push_async_callback(listener.close)
