@@ -5,12 +5,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEVENV := deploy/devenv.sh
 
-.PHONY: help run test lint migrate bench clean system venv
+.PHONY: help run stop test lint docs migrate bench clean system venv
 
 help:
 	@echo "make run      run the daemon (throwaway local PostgreSQL unless CRM_BRIDGE_DATABASE_URL is set)"
 	@echo "make test     run the whole test suite against a real PostgreSQL"
 	@echo "make lint     ruff + mypy --strict on daemon/ and web/"
+	@echo "make docs     rewrite the generated tables of docs/ (configuration reference, metrics)"
 	@echo "make migrate  apply the migrations to CRM_BRIDGE_DATABASE_URL (or the local DB)"
 	@echo "make bench    run the benchmarks and print a table"
 	@echo "make clean    remove the virtualenv, caches and the local database"
@@ -39,6 +40,9 @@ test: venv
 lint: venv
 	$(BIN)/ruff check daemon web tests bench
 	$(BIN)/mypy
+
+docs: venv
+	$(BIN)/python -m daemon.reference
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
