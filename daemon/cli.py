@@ -26,7 +26,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, devmode, logconfig, retention, runtime, store
+from daemon import __version__, db, devmode, logconfig, retention, runtime, sdnotify, store
 from daemon.integrations import (
     UnknownIntegration,
     available,
@@ -300,6 +300,7 @@ async def serve(settings: Settings, dev_env: Path | None = None) -> int:
             url = _bound_url(runner, settings)
             log.info("listening", url=url, public_url=settings.public_url,
                      integration=rt.adapter.name, instance=settings.instance_id)
+            _notify_systemd(rt, url)
             if settings.dev_mode:  # a terminal's message, not a log line: it shows the token
                 print(devmode.banner(url, settings.service_token, dev_env), file=sys.stderr,
                       flush=True)
@@ -311,6 +312,29 @@ async def serve(settings: Settings, dev_env: Path | None = None) -> int:
         failed = rt.supervisor.failed
     log.info("stopped", failed=failed)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _notify_systemd(rt: runtime.Runtime, url: str) -> None:
+    """Under systemd (``Type=notify``): READY=1 once the listener is connected and caught
+    up (the cache is loaded before this point), then watchdog heartbeats and STATUS=."""
+    notifier = sdnotify.Notifier()
+    if not notifier.enabled:
+        return
+    listener = rt.listener
+
+    async def ready() -> None:
+        if listener is not None:
+            await listener.caught_up.wait()
+
+    def status() -> str:
+        if listener is None:
+            feed = "poll only"
+        else:
+            feed = "listener connected" if listener.state.connected else "listener reconnecting"
+        return (f"{rt.adapter.name} on {url}: {feed}, "
+                f"{rt.dispatcher.stats()['in_flight']} deliveries in flight")
+
+    rt.supervisor.spawn("systemd-notify", notifier.run(ready(), rt.supervisor.stopping, status))
 
 
 def _bound_url(runner: web.AppRunner, settings: Settings) -> str:
