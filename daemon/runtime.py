@@ -109,6 +109,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             doorbell_window_s=await store.doorbell_window_s(pool),
         )
         listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
+        if listener is None:  # poll only: no LISTEN connection to report, nor to alert on
+            metrics.registry.unregister(metrics.listener_connected)
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
