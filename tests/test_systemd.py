@@ -68,6 +68,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = _system_root(tmp)
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--ignore-installed",  # else pip uninstalls the running editable install first
          "--no-index", "--prefix", str(root / VENV), str(source)],
         check=True, capture_output=True, text=True, timeout=300,
     )
