@@ -9,6 +9,7 @@ teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime through ``
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -114,12 +115,14 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         writer.on_written(feed.settled)
         listener = (_listener(settings, cache, dispatcher, feed, metrics) if settings.notify
                     else None)
+        if listener is None:  # poll only: no LISTEN connection to report, nor to alert on
+            metrics.registry.unregister(metrics.listener_connected)
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
             dispatcher=dispatcher, listener=listener, feed=feed,
         )
-        metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
+        metrics.info.labels(adapter.name, __version__, socket.gethostname()).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
         if listener is not None:
             stack.push_async_callback(listener.close)
