@@ -352,6 +352,7 @@ class ConfigCache:
                 await self.refresh_all("full")
             except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
                 failures += 1
+                self._metrics.cache_load_failures.labels("all").inc()
                 if not self._health.failed(exc, "config-refresher"):
                     log.warning("config_refresh_failed", error=type(exc).__name__)
                 continue
@@ -452,7 +453,10 @@ class ConfigCache:
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         exc = None if task.cancelled() else task.exception()
-        if exc is not None and not self._health.failed(exc, "config-cache"):
+        if exc is None:
+            return
+        self._metrics.cache_load_failures.labels("one").inc()
+        if not self._health.failed(exc, "config-cache"):
             log.warning("config_load_failed", error=type(exc).__name__)
 
     async def close(self) -> None:

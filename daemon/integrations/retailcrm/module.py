@@ -1,7 +1,7 @@
 """The telephony module crm-bridge registers in each enterprise's RetailCRM account.
 
-Owns the ``integrationModule`` object (RETAILCRM.md, "The module object") and its life
-cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
+Owns the ``integrationModule`` object (docs/retailcrm.md, "The module registration") and its
+life cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
 re-syncs and unregisters it, keeping the stored configuration in step.
 
 What the module says (``<base>`` = ``CRM_BRIDGE_PUBLIC_URL`` + ``/retailcrm``):
@@ -38,7 +38,7 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from daemon import links, store
+from daemon import db, links, store
 from daemon.errors import AuthFailed, ConfigError, DeliveryError, Retryable
 from daemon.integrations.base import AdapterDeps, Exchange, RegistrationResult
 from daemon.integrations.retailcrm import config as cfg
@@ -245,7 +245,8 @@ class Registrar:
                  "link and the old clientId are revoked; the managers' numbers are kept.")
         if remote.ok:
             return RegistrationResult(ok=True, message=f"{remote.message} {local}",
-                                      warnings=remote.warnings)
+                                      warnings=remote.warnings,
+                                      unknown_users=remote.unknown_users)
         return RegistrationResult(
             ok=False, error_id=remote.error_id, details=remote.details,
             message=f"RetailCRM was not updated: {remote.message} {local}")
@@ -315,7 +316,7 @@ class Registrar:
             try:
                 await store.insert_log(self._deps.pool, enterprise, cfg.KEY, LOG_EVENT,
                                        request, response, result.ok, error)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
                 log.warning("module_log_not_written", enterprise=enterprise,
                             error=type(exc).__name__)
 
@@ -412,4 +413,5 @@ def _success(answer: Mapping[str, Any], config: cfg.RetailCrmConfig,
             ("hangup", config.popup_hangup)))
         message += (f": {len(config.user_extensions)} manager extension(s), call cards "
                     f"{switches}.")
-    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings))
+    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings),
+                              unknown_users=tuple(unknown))
