@@ -12,11 +12,12 @@ The loop (one per process):
    (``store.CLAIM``: ``FOR UPDATE SKIP LOCKED``, per-call order, held enterprises skipped),
    under a lease of ``lease_s``. An instance that dies loses its leases when they expire.
    The claim itself dead-letters a delivery whose lease expired without an outcome
-   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. A reclaimed
-   delivery (a *suspect*: its last holder never reported) comes alone, and nothing else is
-   claimed while it is in flight: if it crashes this process too, it takes nothing else
-   down with it. Each claimed row's payload is decoded on its own: a row that cannot be
-   read is dead-lettered at once as ``malformed``, and the rest of the batch goes on.
+   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. A delivery
+   whose lease has expired twice or more (a *suspect*: it may be what kills its holders)
+   comes alone, and nothing else is claimed while it is in flight: if it crashes this
+   process too, it takes nothing else down with it. Each claimed row's payload is decoded
+   on its own: a row that cannot be read is dead-lettered at once as ``malformed``, and the
+   rest of the batch goes on.
 3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
    lease long enough to finish), then the adapter under a hard ``attempt_timeout_s``.
 4. **Settle** by error class through ``retry.decide``; the ``OutcomeWriter`` writes the
@@ -88,7 +89,7 @@ class Claimed:
     queued_at: datetime
     lease: str
     lease_deadline: float  # monotonic
-    suspect: bool = False  # reclaimed: its last holder's lease expired without an outcome
+    suspect: bool = False  # its lease expired twice or more without an outcome
 
 
 class Dispatcher:
@@ -271,7 +272,7 @@ class Dispatcher:
         return Claimed(
             event=event, enterprise=row["enterprise_number"], attempt=row["attempts"],
             queued_at=row["queued_at"], lease=lease,
-            lease_deadline=started + float(row["lease_s"]), suspect=row["reclaimed"],
+            lease_deadline=started + float(row["lease_s"]), suspect=row["suspect"],
         )
 
     def _malformed(self, row: Mapping[str, Any], lease: str, reason: str) -> None:

@@ -285,13 +285,16 @@ async def insert_event(
 # $6, or its attempts have reached $7 (CRM_BRIDGE_MAX_ATTEMPTS), the claim dead-letters it
 # instead ('poison' / 'attempts' in ``dead``) and writes its log row: a row that kills
 # every process attempting it cannot do so forever. Dead rows come back without payload.
-# A reclaimed delivery that lives on is a suspect (``reclaimed``): it is taken alone (with
-# any dead ones), so if it is what crashed its last holder, the deliveries in flight with
-# it are not what it takes down again — an innocent delivery is not poisoned by company.
+# A delivery reclaimed after an earlier expiry already (its second or later) is a
+# ``suspect``: it is taken alone (with any dead ones), so if it is what crashes its holders,
+# the deliveries in flight beside it are not taken down with it again — an innocent delivery
+# is not poisoned by company. (After one expiry, the common case of a process killed with a
+# batch in flight, deliveries are claimed together as usual.)
 # The payload comes as text, decoded row by row by the dispatcher (see daemon/db.py).
 CLAIM = """
 WITH due AS (
     SELECT d.event_id, d.locked_until IS NOT NULL AS reclaimed,
+           d.locked_until IS NOT NULL AND d.lease_expiries >= 1 AS suspect,
            CASE WHEN d.locked_until IS NOT NULL AND d.lease_expiries + 1 >= $6 THEN 'poison'
                 WHEN d.attempts >= $7 THEN 'attempts' END AS dead
       FROM crm_deliveries d
@@ -314,7 +317,7 @@ WITH due AS (
     SELECT due.* FROM due
      WHERE due.dead IS NOT NULL
         OR due.event_id = coalesce(
-               (SELECT min(s.event_id) FROM due s WHERE s.reclaimed AND s.dead IS NULL),
+               (SELECT min(s.event_id) FROM due s WHERE s.suspect AND s.dead IS NULL),
                due.event_id)
 ), taken AS (
     UPDATE crm_deliveries d
@@ -334,7 +337,8 @@ WITH due AS (
                ELSE d.last_error END
       FROM picked due
      WHERE d.integration_type = $1 AND d.event_id = due.event_id
- RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed, due.dead, d.last_error,
+ RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed, due.suspect, due.dead,
+           d.last_error,
            d.enterprise_number, d.unique_id,
            extract(epoch FROM d.locked_until - now())::float8 AS lease_s
 ), logged AS (
@@ -348,7 +352,8 @@ WITH due AS (
       JOIN crm_events e ON e.id = t.event_id
      WHERE t.dead IS NOT NULL
 )
-SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.lease_s, t.dead, t.last_error,
+SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.suspect, t.lease_s, t.dead,
+       t.last_error,
        e.enterprise_number, e.event_type, e.unique_id,
        CASE WHEN t.dead IS NULL THEN e.payload::text END AS payload,
        e.record_url, e.origin, e.received_at
