@@ -133,7 +133,7 @@ async def enablement(request: web.Request) -> web.Response:
 
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Listener, cache, dispatcher and guard state (operators; service token)."""
+    """Listener, cache, dispatcher, guard and database state (operators; service token)."""
     require_service_token(request)
     runtime = request.app[RUNTIME]
     body = {
@@ -144,5 +144,6 @@ async def stats(request: web.Request) -> web.Response:
         "cache": runtime.cache.stats(),
         "dispatcher": runtime.dispatcher.stats(),
         "guards": runtime.guards.stats(),
+        "database": runtime.health.stats(),
     }
     return web.json_response(body)
