@@ -1,10 +1,10 @@
 """The LISTEN connection: one dedicated asyncpg connection, never from the pool.
 
 It LISTENs on ``crm_events`` (the doorbell) and ``crm_config`` (configuration changes) and
-hands each notification to a handler. NOTIFY is a hint (STYLE.md rule 5): notifications sent
-while the connection is away are gone, so after every (re)connect ``on_connect`` runs with the
-``time.monotonic()`` from which notifications arrive — the composition root makes it a config
-catch-up plus a dispatcher wake-up. ``open`` makes the first connection before ``run``, so
+hands each notification to a handler. NOTIFY is a hint (docs/architecture.md): notifications
+sent while the connection is away are gone, so after every (re)connect ``on_connect`` runs
+with the ``time.monotonic()`` from which notifications arrive — the composition root makes it
+a config catch-up plus a dispatcher wake-up. ``open`` makes the first connection before ``run``, so
 that a config load started after it (the startup load) already covers the first catch-up.
 
 A lost connection is noticed two ways: asyncpg's termination listener, and a probe every
