@@ -48,7 +48,11 @@ from daemon.integrations.base import (
 )
 from daemon.integrations.retailcrm import config as cfg
 from daemon.integrations.retailcrm import extensions, routing
-from daemon.integrations.retailcrm.client import MAX_UPLOAD_BATCH, RetailCrmClient
+from daemon.integrations.retailcrm.client import (
+    MAX_UPLOAD_BATCH,
+    RetailCrmClient,
+    account_client,
+)
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, batches, plan
 from daemon.integrations.retailcrm.module import LINK_REFRESH_S, ModuleIdentity, Registrar
 
@@ -79,6 +83,7 @@ class RetailCrmAdapter:
 
     def __init__(self, deps: AdapterDeps) -> None:
         self.deps = deps
+        self.allow_private = cfg.allows_private(deps.settings)
         self.identity = ModuleIdentity.from_deps(deps)
         self.registrar = Registrar(deps, self.identity)
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
@@ -91,7 +96,7 @@ class RetailCrmAdapter:
 
     def parse_config(self, raw: Mapping[str, Any]) -> cfg.RetailCrmConfig:
         """Validate ``integrations_config['retailcrm']`` (decrypting its secrets)."""
-        return cfg.parse(raw, self.deps.crypto)
+        return cfg.parse(raw, self.deps.crypto, allow_private=self.allow_private)
 
     def batch_key(self, event: StoredEvent, config: IntegrationConfig) -> str | None:
         """Upload-only deliveries of one enterprise share upload requests: downloads (the
@@ -107,10 +112,9 @@ class RetailCrmAdapter:
                timeout_s: float = 3.0) -> RetailCrmClient:
         """A client for one enterprise's account (recording exchanges into ``ctx``)."""
         if ctx is None:
-            return RetailCrmClient(self.deps.http, config.domain, config.api_key,
-                                   timeout_s=timeout_s)
-        return RetailCrmClient(self.deps.http, config.domain, config.api_key,
-                               timeout_s=ctx.timeout_s, gate=ctx.gate, on_exchange=ctx.record)
+            return account_client(self.deps, config, timeout_s=timeout_s)
+        return account_client(self.deps, config, timeout_s=ctx.timeout_s, gate=ctx.gate,
+                              on_exchange=ctx.record)
 
     async def deliver(self, ctx: DeliveryContext) -> Outcome:
         """Map one event with its call and send what the mapping says."""
