@@ -49,7 +49,7 @@ class FixedDns(AbstractResolver):
 
 @pytest.mark.parametrize(("address", "kind"), [
     ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"),
-    ("0.0.0.0", "unspecified"), ("::", "unspecified"),
+    ("0.0.0.0", "unspecified"), ("::", "unspecified"),  # noqa: S104
     ("169.254.169.254", "link-local"), ("fe80::1", "link-local"),
     ("224.0.0.251", "multicast"), ("ff02::1", "multicast"),
     ("10.0.0.1", "private"), ("172.16.5.4", "private"), ("192.168.1.1", "private"),
