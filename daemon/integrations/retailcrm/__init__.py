@@ -33,7 +33,7 @@ import structlog
 from aiohttp import web
 
 from daemon import store
-from daemon.calls import StoredEvent, parse_call, parse_event
+from daemon.calls import MAX_RECORD_URL_CHARS, StoredEvent, parse_call, parse_event
 from daemon.errors import DeliveryError, Permanent
 from daemon.integrations.base import (
     AdapterDeps,
@@ -154,6 +154,10 @@ class RetailCrmAdapter:
     async def _plan(self, ctx: DeliveryContext) -> Plan:
         config = _config(ctx)
         current = parse_event(ctx.event)
+        if current.record_url_dropped:
+            log.warning("record_url_dropped", unique_id=ctx.event.unique_id,
+                        reason="not an absolute http(s) URL of at most "
+                        f"{MAX_RECORD_URL_CHARS} characters")
         events, _rejected = parse_call(await ctx.load_call())
         options = await self.options(ctx.enterprise, config)
         planned = plan(current, events, options)
