@@ -21,6 +21,7 @@ from daemon import runtime
 from daemon.runtime import Runtime
 from daemon.settings import Settings
 from web.app import create_app
+from web.server import Limits, Runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,9 @@ class InProcess:
 async def running(settings: Settings) -> AsyncIterator[InProcess]:
     """The whole daemon in this event loop; stopped gracefully on exit."""
     async with runtime.build(settings) as rt:
-        runner = web.AppRunner(create_app(rt), access_log=None)
+        cut = rt.metrics.http_cut
+        runner = Runner(create_app(rt), Limits.from_settings(settings),
+                        on_cut=lambda reason: cut.labels(reason).inc())
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
