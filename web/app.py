@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from daemon.runtime import RUNTIME, Runtime
-from web import api, health, middlewares
+from web import api, bodies, health, middlewares
 
 MAX_BODY_BYTES = 1024 * 1024
 
@@ -13,7 +13,7 @@ MAX_BODY_BYTES = 1024 * 1024
 def create_app(runtime: Runtime) -> web.Application:
     """The whole HTTP surface of one process."""
     app = web.Application(
-        middlewares=[middlewares.measure, middlewares.errors],
+        middlewares=[middlewares.measure, middlewares.errors, bodies.refuse_malformed],
         client_max_size=MAX_BODY_BYTES,
     )
     app[RUNTIME] = runtime
