@@ -202,6 +202,27 @@ async def test_no_key_reaches_a_private_port_unless_the_operator_allows_it(
         cli.assert_no_secret(KEY)
 
 
+async def test_what_retailcrm_echoes_back_is_never_printed(
+    sim: Simulator, pool: asyncpg.Pool, crypto: Crypto, database_url: str
+) -> None:
+    await seed(pool, crypto, sim.url, user_extensions={"1": "101"})
+    cli = Cli(database_url)
+    code, said = await cli("register", ENTERPRISE)
+    assert code == 0, said
+    client_id = crypto.decrypt((await _raw(pool))["client_id"])
+    sim.add_fault(path="/api/credentials", status=400, count=1, body={
+        "success": False, "errorMsg": f"clientId {client_id} is not yours",
+        "errors": {client_id: "unknown", "apiKey": KEY}})
+    code, said = await cli("test", ENTERPRISE)
+    assert code == 1 and "is not yours" in said and "***" in said
+    sim.add_fault(path="/api/v5/integration-modules", status=200, count=1, body={
+        "success": True, "info": {"notExistUsersIds": [client_id, KEY],
+                                  "notExistSiteCodes": [f"site-{client_id}"]}})
+    code, said = await cli("sync-extensions", ENTERPRISE)
+    assert code == 0 and "does not know the users ***, ***" in said
+    cli.assert_no_secret(KEY, client_id)
+
+
 # ---------------------------------------------------------------------- in process
 # (what is decided before any database or network: no process needed)
 

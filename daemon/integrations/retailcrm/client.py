@@ -30,7 +30,7 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
-from daemon import egress, errors, strictjson
+from daemon import egress, errors, logconfig, strictjson
 from daemon.integrations.base import AdapterDeps, Exchange
 from daemon.integrations.retailcrm.config import RetailCrmConfig
 
@@ -514,8 +514,10 @@ def account_client(
 ) -> RetailCrmClient:
     """A client for one enterprise's account as the process is configured: the shared
     session, the answer cap of ``deps.settings``, and every secret of ``config`` (plus
-    ``hidden``) scrubbed from whatever the client reports."""
+    ``hidden``) scrubbed from whatever the client reports — and from whatever the calling
+    context logs from now on (``logconfig.hide``)."""
     cap = deps.settings.get("max_response_bytes") or DEFAULT_MAX_RESPONSE_BYTES
+    logconfig.hide((*config.secrets(), *hidden))
     return RetailCrmClient(
         deps.http, config.domain, config.api_key, timeout_s=timeout_s, gate=gate,
         on_exchange=on_exchange, secrets=(*config.secrets(), *hidden),

@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from daemon import store, strictjson
+from daemon import logconfig, store, strictjson
 from daemon.integrations.retailcrm.config import KEY
 from daemon.runtime import RUNTIME
 
@@ -66,7 +66,12 @@ def _enterprise(request: web.Request, params: dict[str, str]) -> str | None:
     client_id = params.get("clientId", "")
     if not client_id:
         return None
-    return request.app[RUNTIME].cache.matrix.by_secret(client_id)
+    cache = request.app[RUNTIME].cache
+    enterprise = cache.matrix.by_secret(client_id)
+    entry = cache.get(enterprise) if enterprise is not None else None
+    # Nothing this request logs shows the clientId it presented, or its enterprise's secrets.
+    logconfig.hide((client_id, *(entry.config.secrets() if entry and entry.config else ())))
+    return enterprise
 
 
 @routes.post("/actions/activity")
