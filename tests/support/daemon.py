@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class InProcess:
     rt: Runtime
     url: str
+    app: web.Application
 
 
 @contextlib.asynccontextmanager
@@ -37,7 +38,8 @@ async def running(settings: Settings) -> AsyncIterator[InProcess]:
     """The whole daemon in this event loop; stopped gracefully on exit."""
     async with runtime.build(settings) as rt:
         cut = rt.metrics.http_cut
-        runner = Runner(create_app(rt), Limits.from_settings(settings),
+        app = create_app(rt)
+        runner = Runner(app, Limits.from_settings(settings),
                         on_cut=lambda reason: cut.labels(reason).inc())
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -46,7 +48,7 @@ async def running(settings: Settings) -> AsyncIterator[InProcess]:
         if rt.listener is not None:
             await asyncio.wait_for(rt.listener.caught_up.wait(), 10)
         try:
-            yield InProcess(rt, f"http://127.0.0.1:{port}")
+            yield InProcess(rt, f"http://127.0.0.1:{port}", app)
         finally:
             rt.supervisor.stop()
             await rt.supervisor.join(settings.shutdown_grace_s + 5)
