@@ -24,7 +24,8 @@ venv: system
 run: venv
 	@set -e; url=$$($(DEVENV) database); \
 	export CRM_BRIDGE_DATABASE_URL="$$url"; \
-	if [ -z "$${CRM_BRIDGE_SECRET_KEY:-}" ]; then export CRM_BRIDGE_DEV_MODE=1; fi; \
+	if [ -z "$${CRM_BRIDGE_SECRET_KEY:-}" ]; then export CRM_BRIDGE_DEV_MODE=1 \
+		CRM_BRIDGE_ALLOW_PRIVATE_CRM=$${CRM_BRIDGE_ALLOW_PRIVATE_CRM:-1}; fi; \
 	$(BIN)/crm-bridge migrate; \
 	echo "crm-bridge: database $$url"; \
 	echo "crm-bridge: serving on http://$${CRM_BRIDGE_HOST:-127.0.0.1}:$${CRM_BRIDGE_PORT:-8019}/health"; \

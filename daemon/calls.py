@@ -1,6 +1,6 @@
 """The platform's call events, CRM-neutral: parse one stored body, fold a call's events.
 
-Owns the knowledge of what the Asterisk listener really sends (docs: EVENTS.md) and turns it
+Owns the knowledge of what the Asterisk listener really sends (docs/events.md) and turns it
 into typed values every CRM adapter can map without looking at a raw body again:
 
 - :func:`parse_event` — one ``crm_events`` row (:class:`StoredEvent`) → :class:`CallEvent`,

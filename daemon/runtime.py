@@ -1,8 +1,8 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
-``build`` is the composition root's one place of construction (STYLE.md rules 1 and 2):
-pool, HTTP session, metrics registry, crypto, adapter, and — as later parts arrive — the
-config cache, listener, dispatcher and log writer. Each is set up with its teardown pushed
+``build`` is the composition root's one place of construction (no singletons; set-ups
+and teardowns in pairs): pool, HTTP session, metrics registry, crypto, adapter, config
+cache, listener, dispatcher and log writer. Each is set up with its teardown pushed
 onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
 """
 

@@ -1,6 +1,6 @@
 """The telephony module crm-bridge registers in each enterprise's RetailCRM account.
 
-Owns the ``integrationModule`` object (RETAILCRM.md, "The module object") and its life
+Owns the ``integrationModule`` object (docs/retailcrm.md, "The module registration") and its life
 cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
 re-syncs and unregisters it, keeping the stored configuration in step.
 
