@@ -75,8 +75,8 @@ async def test_trickling_heads_and_bodies_are_cut_and_health_stays_fast(
     # Each was cut at its deadline (+ scheduling slack on a shared, loaded machine), never
     # minutes later as before.
     heads, bodies = closed_after[:150], closed_after[150:]
-    assert 1.0 - 0.05 <= min(heads) and max(heads) < 1.0 + 1.0, (min(heads), max(heads))
-    assert 1.5 - 0.05 <= min(bodies) and max(bodies) < 1.5 + 1.0, (min(bodies), max(bodies))
+    assert min(heads) >= 1.0 - 0.05 and max(heads) < 1.0 + 1.0, (min(heads), max(heads))
+    assert min(bodies) >= 1.5 - 0.05 and max(bodies) < 1.5 + 1.0, (min(bodies), max(bodies))
     assert statistics.median(during) < 0.2, during
     assert max(during) < 1.0, during
 

@@ -80,7 +80,11 @@ async def read_body(request: web.Request) -> bytes:
 
 async def read_json(request: web.Request, *, max_depth: int = MAX_DEPTH) -> Any:
     """The body as JSON, strictly (see the module docstring); 400 naming the culprit."""
-    raw = await read_body(request)
+    return decode_json(await read_body(request), max_depth=max_depth)
+
+
+def decode_json(raw: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """``raw`` as JSON, strictly (see the module docstring); 400 naming the culprit."""
     try:
         return strictjson.loads(raw, max_depth=max_depth)
     except strictjson.Rejected as exc:

@@ -1,7 +1,7 @@
 """The telephony module crm-bridge registers in each enterprise's RetailCRM account.
 
-Owns the ``integrationModule`` object (docs/retailcrm.md, "The module registration") and its life
-cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
+Owns the ``integrationModule`` object (docs/retailcrm.md, "The module registration") and its
+life cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
 re-syncs and unregisters it, keeping the stored configuration in step.
 
 What the module says (``<base>`` = ``CRM_BRIDGE_PUBLIC_URL`` + ``/retailcrm``):
@@ -29,6 +29,7 @@ rows: the clientId, the link and the API key never reach it.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -246,7 +247,8 @@ class Registrar:
                  "link and the old clientId are revoked; the managers' numbers are kept.")
         if remote.ok:
             return RegistrationResult(ok=True, message=f"{remote.message} {local}",
-                                      warnings=remote.warnings)
+                                      warnings=remote.warnings,
+                                      unknown_users=remote.unknown_users)
         return RegistrationResult(
             ok=False, error_id=remote.error_id, details=remote.details,
             message=f"RetailCRM was not updated: {remote.message} {local}")
@@ -377,10 +379,10 @@ def _failure(exc: DeliveryError, config: cfg.RetailCrmConfig) -> RegistrationRes
 
 
 def _masked(result: RegistrationResult, hidden: tuple[str, ...]) -> RegistrationResult:
-    details = mask(dict(result.details), hidden)
-    return RegistrationResult(ok=result.ok, message=mask(result.message, hidden),
-                              error_id=result.error_id, details=details,
-                              warnings=tuple(mask(list(result.warnings), hidden)))
+    return dataclasses.replace(
+        result, message=mask(result.message, hidden), details=mask(dict(result.details), hidden),
+        warnings=tuple(mask(list(result.warnings), hidden)),
+        unknown_users=tuple(mask(list(result.unknown_users), hidden)))
 
 
 def _field_errors(details: Any) -> dict[str, str]:
@@ -417,4 +419,5 @@ def _success(answer: Mapping[str, Any], config: cfg.RetailCrmConfig,
             ("hangup", config.popup_hangup)))
         message += (f": {len(config.user_extensions)} manager extension(s), call cards "
                     f"{switches}.")
-    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings))
+    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings),
+                              unknown_users=tuple(unknown))
