@@ -177,7 +177,8 @@ async def test_public_routes_pass_and_internal_ones_answer_the_internal_network_
             async with client.get(f"{proxy.url}/retailcrm/logo.svg") as r:
                 assert r.status == 200 and r.content_type == "image/svg+xml"
             async with client.get(f"{proxy.url}/retailcrm-admin/") as r:
-                assert r.content_type == "application/json", "answered by crm-bridge"
+                # crm-bridge's own answer (no session: 401 and its security headers).
+                assert r.status == 401 and "Content-Security-Policy" in r.headers
             async with client.get(f"{proxy.url}/") as r:
                 assert r.status == 404 and r.content_type == "text/html", "nginx's own"
         for path in ("/stats", "/metrics", "/api/config-cache/active-enterprises"):
@@ -195,13 +196,13 @@ async def test_no_query_string_reaches_the_access_log(proxy: Proxy) -> None:
                                 f"?clientId={SECRET_CLIENT_ID}&activity=true") as r:
             assert r.status == 403, "an unknown clientId, refused by crm-bridge"
         async with outside.get(f"{proxy.url}/retailcrm-admin/?token={SECRET_TOKEN}") as r:
-            assert r.status == 404
+            assert r.status == 401, "a link that is not one, refused by crm-bridge"
         async with outside.get(f"{proxy.url}/api/events?token={SECRET_TOKEN}") as r:
             assert r.status == 403
     await wait_until(lambda: proxy.access_log.exists()
                      and proxy.access_log.read_text().count("\n") >= 3)
     log = proxy.access_log.read_text()
     assert '"POST /retailcrm/actions/activity HTTP/1.1" 403' in log
-    assert '"GET /retailcrm-admin/ HTTP/1.1" 404' in log
+    assert '"GET /retailcrm-admin/ HTTP/1.1" 401' in log
     for secret in (SECRET_CLIENT_ID, SECRET_TOKEN, "clientId=", "token="):
         assert secret not in log
