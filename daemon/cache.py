@@ -224,6 +224,9 @@ class ConfigCache:
         self._crypto = crypto
         self._metrics = metrics
         self._health = health or DatabaseHealth()
+        # Jitter from an instance of our own: the random module's global state is shared with
+        # whatever else runs in the process (a test's hypothesis draws it, for one).
+        self._rng = random.Random()
         self.ttl_s = ttl_s
         self.refresh_s = refresh_s
         self.matrix = EnablementMatrix(crypto)
@@ -343,7 +346,7 @@ class ConfigCache:
         failures = 0
         while not stopping.is_set():
             period = (self._health.pause_s(failures) if failures
-                      else self.refresh_s * random.uniform(0.8, 1.2))
+                      else self.refresh_s * self._rng.uniform(0.8, 1.2))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), period)
             if stopping.is_set():
@@ -373,7 +376,7 @@ class ConfigCache:
             except ConfigError as exc:
                 invalid = str(exc)
                 enabled = self._types(enabled - {self._adapter.name})
-        ttl = self.ttl_s * random.uniform(2 / 3, 4 / 3)
+        ttl = self.ttl_s * self._rng.uniform(2 / 3, 4 / 3)
         secret = row["secret"]
         return Entry(
             enterprise=row["number"], token=row["name2"],

@@ -78,6 +78,7 @@ class Listener:
         self._command_timeout_s = command_timeout_s
         self._application_name = application_name
         self._health = health or DatabaseHealth()
+        self._rng = random.Random()  # reconnect jitter (not the random module's shared state)
         self._probe_channel = f"crm_probe_{secrets.token_hex(6)}"
         self._probe_waiters: dict[str, asyncio.Future[None]] = {}
         self._pid: int | None = None
@@ -111,7 +112,7 @@ class Listener:
             conn = self._opened or await self._connect()
             self._opened = None
             if conn is None:
-                await _sleep_or_stop(stopping, delay * random.uniform(0.5, 1.0))
+                await _sleep_or_stop(stopping, delay * self._rng.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
             try:
@@ -124,7 +125,7 @@ class Listener:
             if caught_up:
                 delay = RECONNECT_MIN_S
             else:  # connected, but the database failed the catch-up: back off
-                await _sleep_or_stop(stopping, delay * random.uniform(0.5, 1.0))
+                await _sleep_or_stop(stopping, delay * self._rng.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _connect(self) -> asyncpg.Connection | None:

@@ -91,6 +91,7 @@ class RetailCrmAdapter:
         self.identity = ModuleIdentity.from_deps(deps)
         self.registrar = Registrar(deps, self.identity)
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
+        self._rng = random.Random()  # the reconciler's jitter, not the module's shared state
 
     # ------------------------------------------------------------------ protocol
 
@@ -361,7 +362,7 @@ class RetailCrmAdapter:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(),
-                                       RECONCILE_INTERVAL_S * random.uniform(0.8, 1.2))
+                                       RECONCILE_INTERVAL_S * self._rng.uniform(0.8, 1.2))
             if stopping.is_set():
                 return
             try:
