@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from bench import cache, pipeline
+from bench import cache, journal, pipeline
 from bench.daemons import settings_line
 from bench.harness import OUT_DIR, Harness, configure_logging
 from bench.results import (
@@ -51,6 +51,8 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "pipeline.f": (pipeline.drain_retailcrm, "RetailCRM adapter → simulator drain"),
     "cache.a": (cache.propagation, "config change → both instances' caches"),
     "cache.b": (cache.refresh_and_rss, "refresh_all of 10,000 enterprises; RSS"),
+    "journal.a": (journal.first_page, "admin journal of 100,000 deliveries: first page"),
+    "journal.b": (journal.live_view, "call event → open journal page (SSE)"),
 }
 
 

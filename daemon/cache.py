@@ -224,6 +224,9 @@ class ConfigCache:
         self._crypto = crypto
         self._metrics = metrics
         self._health = health or DatabaseHealth()
+        # Jitter from an instance of our own: the random module's global state is shared with
+        # whatever else runs in the process (a test's hypothesis draws it, for one).
+        self._rng = random.Random()
         self.ttl_s = ttl_s
         self.refresh_s = refresh_s
         self.matrix = EnablementMatrix(crypto)
@@ -343,7 +346,7 @@ class ConfigCache:
         failures = 0
         while not stopping.is_set():
             period = (self._health.pause_s(failures) if failures
-                      else self.refresh_s * random.uniform(0.8, 1.2))
+                      else self.refresh_s * self._rng.uniform(0.8, 1.2))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), period)
             if stopping.is_set():
@@ -352,6 +355,7 @@ class ConfigCache:
                 await self.refresh_all("full")
             except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
                 failures += 1
+                self._metrics.cache_load_failures.labels("all").inc()
                 if not self._health.failed(exc, "config-refresher"):
                     log.warning("config_refresh_failed", error=type(exc).__name__)
                 continue
@@ -372,7 +376,7 @@ class ConfigCache:
             except ConfigError as exc:
                 invalid = str(exc)
                 enabled = self._types(enabled - {self._adapter.name})
-        ttl = self.ttl_s * random.uniform(2 / 3, 4 / 3)
+        ttl = self.ttl_s * self._rng.uniform(2 / 3, 4 / 3)
         secret = row["secret"]
         return Entry(
             enterprise=row["number"], token=row["name2"],
@@ -452,7 +456,10 @@ class ConfigCache:
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         exc = None if task.cancelled() else task.exception()
-        if exc is not None and not self._health.failed(exc, "config-cache"):
+        if exc is None:
+            return
+        self._metrics.cache_load_failures.labels("one").inc()
+        if not self._health.failed(exc, "config-cache"):
             log.warning("config_load_failed", error=type(exc).__name__)
 
     async def close(self) -> None:

@@ -13,11 +13,12 @@ The loop (one per process):
    only enterprises this instance owns or takes — ``daemon.ownership``), under a lease of
    ``lease_s``. An instance that dies loses its leases when they expire.
    The claim itself dead-letters a delivery whose lease expired without an outcome
-   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. A reclaimed
-   delivery (a *suspect*: its last holder never reported) comes alone, and nothing else is
-   claimed while it is in flight: if it crashes this process too, it takes nothing else
-   down with it. Each claimed row's payload is decoded on its own: a row that cannot be
-   read is dead-lettered at once as ``malformed``, and the rest of the batch goes on.
+   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. A delivery
+   whose lease has expired twice or more (a *suspect*: it may be what kills its holders)
+   comes alone, and nothing else is claimed while it is in flight: if it crashes this
+   process too, it takes nothing else down with it. Each claimed row's payload is decoded
+   on its own: a row that cannot be read is dead-lettered at once as ``malformed``, and the
+   rest of the batch goes on.
 3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
    lease and an ownership long enough to finish), then the adapter under a hard
    ``attempt_timeout_s``, with the steps earlier attempts did (``DeliveryContext``).
@@ -54,7 +55,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from daemon import db, store
+from daemon import db, logconfig, store
 from daemon.cache import ConfigCache, Entry
 from daemon.calls import StoredEvent
 from daemon.db import DatabaseHealth, UnreadableJson, decode_json
@@ -103,7 +104,7 @@ class Claimed:
     queued_at: datetime
     lease: str
     lease_deadline: float  # monotonic
-    suspect: bool = False  # reclaimed: its last holder's lease expired without an outcome
+    suspect: bool = False  # its lease expired twice or more without an outcome
     steps_done: frozenset[str] = frozenset()
     stored_s: float = 0.0  # the event's age at the claim
     claimed_at: float = 0.0  # monotonic
@@ -304,7 +305,7 @@ class Dispatcher:
         return Claimed(
             event=event, enterprise=row["enterprise_number"], attempt=row["attempts"],
             queued_at=row["queued_at"], lease=lease,
-            lease_deadline=started + float(row["lease_s"]), suspect=row["reclaimed"],
+            lease_deadline=started + float(row["lease_s"]), suspect=row["suspect"],
             steps_done=frozenset(row["steps_done"]), stored_s=float(row["stored_s"]),
             claimed_at=started,
         )
@@ -442,6 +443,8 @@ class Dispatcher:
                 self._settle(Settlement(item.event.id, item.lease, "skipped", last_error=reason))
             self._outcomes["skipped"].inc(len(group))
             return
+        # Whatever this attempt logs, its enterprise's secrets never show (its own task).
+        logconfig.hide(entry.config.secrets())
         if entry.held is not None:
             self._release(group, f"held: {entry.held}")
             return

@@ -1,10 +1,10 @@
 """The LISTEN connection: one dedicated asyncpg connection, never from the pool.
 
 It LISTENs on ``crm_events`` (the doorbell) and ``crm_config`` (configuration changes) and
-hands each notification to a handler. NOTIFY is a hint (STYLE.md rule 5): notifications sent
-while the connection is away are gone, so after every (re)connect ``on_connect`` runs with the
-``time.monotonic()`` from which notifications arrive — the composition root makes it a config
-catch-up plus a dispatcher wake-up. ``open`` makes the first connection before ``run``, so
+hands each notification to a handler. NOTIFY is a hint (docs/architecture.md): notifications
+sent while the connection is away are gone, so after every (re)connect ``on_connect`` runs
+with the ``time.monotonic()`` from which notifications arrive — the composition root makes it
+a config catch-up plus a dispatcher wake-up. ``open`` makes the first connection before ``run``, so
 that a config load started after it (the startup load) already covers the first catch-up.
 
 A lost connection is noticed two ways: asyncpg's termination listener, and a probe every
@@ -78,6 +78,7 @@ class Listener:
         self._command_timeout_s = command_timeout_s
         self._application_name = application_name
         self._health = health or DatabaseHealth()
+        self._rng = random.Random()  # reconnect jitter (not the random module's shared state)
         self._probe_channel = f"crm_probe_{secrets.token_hex(6)}"
         self._probe_waiters: dict[str, asyncio.Future[None]] = {}
         self._pid: int | None = None
@@ -111,7 +112,7 @@ class Listener:
             conn = self._opened or await self._connect()
             self._opened = None
             if conn is None:
-                await _sleep_or_stop(stopping, delay * random.uniform(0.5, 1.0))
+                await _sleep_or_stop(stopping, delay * self._rng.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
             try:
@@ -124,7 +125,7 @@ class Listener:
             if caught_up:
                 delay = RECONNECT_MIN_S
             else:  # connected, but the database failed the catch-up: back off
-                await _sleep_or_stop(stopping, delay * random.uniform(0.5, 1.0))
+                await _sleep_or_stop(stopping, delay * self._rng.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _connect(self) -> asyncpg.Connection | None:

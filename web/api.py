@@ -1,12 +1,11 @@
 """The service API (service-token authenticated): event ingest, config cache, enablement, stats.
 
 Contracts are in docs/api.md. Every answer is JSON; errors carry ``error`` (a stable id),
-``message`` and ``details.field`` for bad input.
+``message`` and ``details.field`` for bad input. JSON bodies are read by ``web.bodies``.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -22,16 +21,10 @@ from daemon.ingest import (
 )
 from daemon.runtime import RUNTIME, Runtime
 from web.auth import require_service_token
+from web.bodies import read_json
 from web.middlewares import HttpError, field_error
 
 routes = web.RouteTableDef()
-
-
-async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise field_error("body", "is not valid JSON") from None
 
 
 async def _ingest(request: web.Request, parsed: IncomingEvent | str,
@@ -61,7 +54,7 @@ async def post_event(request: web.Request) -> web.Response:
     """The platform's envelope ``{token, uniqueId, event_type, raw, record_url?, origin?}``."""
     require_service_token(request)
     try:
-        parsed = parse_envelope(await _json_body(request))
+        parsed = parse_envelope(await read_json(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
     return await _ingest(request, parsed, "token")
@@ -72,7 +65,7 @@ async def post_raw_event(request: web.Request) -> web.Response:
     """A raw Asterisk body (with ``Token`` and ``UniqueId``)."""
     require_service_token(request)
     try:
-        parsed = parse_raw(request.match_info["event_type"], await _json_body(request))
+        parsed = parse_raw(request.match_info["event_type"], await read_json(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
     return await _ingest(request, parsed, "Token")
@@ -133,7 +126,7 @@ async def enablement(request: web.Request) -> web.Response:
 
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Listener, cache, dispatcher and guard state (operators; service token)."""
+    """Listener, cache, dispatcher, guard and database state (operators; service token)."""
     require_service_token(request)
     runtime = request.app[RUNTIME]
     body = {
@@ -144,5 +137,6 @@ async def stats(request: web.Request) -> web.Response:
         "cache": runtime.cache.stats(),
         "dispatcher": runtime.dispatcher.stats(),
         "guards": runtime.guards.stats(),
+        "database": runtime.health.stats(),
     }
     return web.json_response(body)

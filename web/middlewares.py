@@ -65,18 +65,35 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.content_type == "application/json":  # an answer in its route's own shape
+            return web.Response(status=exc.status, body=exc.body,
+                                content_type="application/json")
         error_id = _REASONS.get(exc.status, f"http_{exc.status}")
         return HttpError(exc.status, error_id, exc.reason).response()
+    except ConnectionResetError as exc:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            return _failed(request, exc)  # not the client's connection: the database's?
+        # The client left, or the server cut it (a body past its deadline): nobody to answer.
+        log.debug("request_abandoned", path=request.path, method=request.method)
+        return HttpError(408, "request_timeout", "the request did not arrive in time").response()
     except Exception as exc:
-        if request.app[RUNTIME].health.failed(exc, "http"):
-            log.warning("request_database_unavailable", path=request.path,
-                        method=request.method, error=type(exc).__name__)
-            response = HttpError(503, "unavailable",
-                                 "the database is unavailable; try again shortly").response()
-            response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
-            return response
-        log.exception("request_failed", path=request.path, method=request.method)
-        return HttpError(500, "internal", "internal error; see the server log").response()
+        return _failed(request, exc)
+
+
+def _failed(request: web.Request, exc: Exception) -> web.Response:
+    """The answer to an exception no handler expected (called inside its ``except``): 503
+    when the database is unavailable (an outage: one line, no traceback), else 500 (a bug:
+    its traceback in the log, no internals in the answer)."""
+    if request.app[RUNTIME].health.failed(exc, "http"):
+        log.warning("request_database_unavailable", path=request.path,
+                    method=request.method, error=type(exc).__name__)
+        response = HttpError(503, "unavailable",
+                             "the database is unavailable; try again shortly").response()
+        response.headers["Retry-After"] = str(UNAVAILABLE_RETRY_AFTER_S)
+        return response
+    log.exception("request_failed", path=request.path, method=request.method)
+    return HttpError(500, "internal", "internal error; see the server log").response()
 
 
 @web.middleware

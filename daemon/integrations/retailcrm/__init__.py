@@ -1,7 +1,8 @@
 """The RetailCRM (Simla.com) adapter: the glue between the core and RetailCRM.
 
-The pieces (docs/architecture.md): ``config`` (the stored settings), ``events`` (pure
-mapping), ``client`` (the dumb HTTP client), ``module`` (the telephony module we register),
+The pieces (mapping, client and glue kept apart): ``config`` (the stored settings),
+``account`` (the settings as an admin edits them), ``events`` (pure mapping), ``client``
+(the dumb HTTP client), ``module`` (the telephony module we register),
 ``extensions`` (managers ↔ internal numbers), ``http`` (RetailCRM's callbacks to us) and
 ``simulator`` (a strict stand-in for tests and demos). This file implements the core's
 ``Adapter`` protocol with them.
@@ -39,8 +40,16 @@ import structlog
 from aiohttp import web
 
 from daemon import db, store
-from daemon.calls import ENDING_TYPES, MalformedEvent, StoredEvent, parse_call, parse_event
-from daemon.errors import DeliveryError, Permanent
+from daemon.calls import (
+    ENDING_TYPES,
+    MAX_RECORD_URL_CHARS,
+    CallEvent,
+    MalformedEvent,
+    StoredEvent,
+    parse_call,
+    parse_event,
+)
+from daemon.errors import ConfigError, DeliveryError, Permanent
 from daemon.integrations.base import (
     AdapterDeps,
     CredentialsCheck,
@@ -49,13 +58,19 @@ from daemon.integrations.base import (
     Delivered,
     DeliveryContext,
     IntegrationConfig,
+    InternalNumber,
+    ManagersView,
     Outcome,
     RegistrationResult,
     Skipped,
 )
+from daemon.integrations.retailcrm import account, extensions, routing
 from daemon.integrations.retailcrm import config as cfg
-from daemon.integrations.retailcrm import extensions, routing
-from daemon.integrations.retailcrm.client import MAX_UPLOAD_BATCH, RetailCrmClient
+from daemon.integrations.retailcrm.client import (
+    MAX_UPLOAD_BATCH,
+    RetailCrmClient,
+    account_client,
+)
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, batches, plan
 from daemon.integrations.retailcrm.module import LINK_REFRESH_S, ModuleIdentity, Registrar
 
@@ -76,6 +91,7 @@ POPUP, UPLOAD = "popup", "upload"  # a delivery's steps
 STALE_POPUP = "stale_popup"  # the reason a popup was not sent
 RECONCILE_INTERVAL_S = 180.0
 RECONCILE_BATCH = 100
+TEMPLATES = Path(__file__).parent / "templates"
 
 __all__ = ["NAME", "RetailCrmAdapter", "create_adapter"]
 
@@ -85,17 +101,20 @@ class RetailCrmAdapter:
 
     name = NAME
     event_types = frozenset({"dial", "hangup", "download"})
-    # RetailCRM's documented client-side limits per API key (docs/retailcrm.md).
+    # RetailCRM's client-side limits per API key, as its official clients keep them
+    # (docs/retailcrm.md, "Rate limits").
     rate_limits: Mapping[str, float] = {"default": 10.0, "telephony": 40.0}
     max_batch = MAX_UPLOAD_BATCH
 
     def __init__(self, deps: AdapterDeps) -> None:
         self.deps = deps
+        self.allow_private = cfg.allows_private(deps.settings)
         self.identity = ModuleIdentity.from_deps(deps)
         self.registrar = Registrar(deps, self.identity)
         self.upload_settle_s = float(deps.settings.get("upload_settle_s",
                                                        DEFAULT_UPLOAD_SETTLE_S))
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
+        self._rng = random.Random()  # the reconciler's jitter, not the module's shared state
 
     # ------------------------------------------------------------------ protocol
 
@@ -105,7 +124,7 @@ class RetailCrmAdapter:
 
     def parse_config(self, raw: Mapping[str, Any]) -> cfg.RetailCrmConfig:
         """Validate ``integrations_config['retailcrm']`` (decrypting its secrets)."""
-        return cfg.parse(raw, self.deps.crypto)
+        return cfg.parse(raw, self.deps.crypto, allow_private=self.allow_private)
 
     def batch_key(
         self, event: StoredEvent, config: IntegrationConfig, steps_done: frozenset[str]
@@ -124,10 +143,9 @@ class RetailCrmAdapter:
                timeout_s: float = 3.0) -> RetailCrmClient:
         """A client for one enterprise's account (recording exchanges into ``ctx``)."""
         if ctx is None:
-            return RetailCrmClient(self.deps.http, config.domain, config.api_key,
-                                   timeout_s=timeout_s)
-        return RetailCrmClient(self.deps.http, config.domain, config.api_key,
-                               timeout_s=ctx.timeout_s, gate=ctx.gate, on_exchange=ctx.record)
+            return account_client(self.deps, config, timeout_s=timeout_s)
+        return account_client(self.deps, config, timeout_s=ctx.timeout_s, gate=ctx.gate,
+                              on_exchange=ctx.record)
 
     async def deliver(self, ctx: DeliveryContext) -> Outcome:
         """Map one event with its call and send what the mapping says."""
@@ -175,7 +193,7 @@ class RetailCrmAdapter:
         upload item still to send (with a note for its outcome, when the popup went stale)."""
         settling = ctx.event.event_type in ENDING_TYPES and ctx.age_s() < self.upload_settle_s
         try:
-            planned = await self._plan(ctx)
+            planned, current = await self._plan(ctx)
         except MalformedEvent:
             if not settling:
                 raise
@@ -196,6 +214,10 @@ class RetailCrmAdapter:
             # (or the decision that there is none) waits for the settle window.
             return Deferred(wait_s, "the upload waits for the settle window"), None
         if planned.upload is not None and not ctx.done(UPLOAD):
+            if current.record_url_dropped:  # said when the upload goes without it
+                log.warning("record_url_dropped", unique_id=ctx.event.unique_id,
+                            reason="not an absolute http(s) URL of at most "
+                            f"{MAX_RECORD_URL_CHARS} characters")
             return Delivered(stale or ""), planned.upload
         if planned.skipped:
             return Skipped(planned.skipped), None
@@ -203,7 +225,7 @@ class RetailCrmAdapter:
             return Skipped(stale), None
         return Delivered("call event sent"), None
 
-    async def _plan(self, ctx: DeliveryContext) -> Plan:
+    async def _plan(self, ctx: DeliveryContext) -> tuple[Plan, CallEvent]:
         config = _config(ctx)
         current = parse_event(ctx.event)
         events, _rejected = parse_call(await ctx.load_call())
@@ -211,7 +233,7 @@ class RetailCrmAdapter:
         planned = plan(current, events, options)
         if planned.phone_unparsed:
             log.info("phone_not_normalised", unique_id=ctx.event.unique_id)
-        return planned
+        return planned, current
 
     async def _upload(
         self,
@@ -340,8 +362,52 @@ class RetailCrmAdapter:
         return {"extensions-sync": self.run_reconciler(stopping)}
 
     def templates_dir(self) -> Path | None:
-        """No admin templates yet (the admin pages come later)."""
-        return None
+        """The RetailCRM part of the admin pages (the connection form)."""
+        return TEMPLATES
+
+    # ------------------------------------------------------------------ administration
+
+    async def read_settings(self, enterprise: str) -> dict[str, Any]:
+        """The masked settings view (``account.view``)."""
+        return account.view(await cfg.read_raw(self.deps.pool, enterprise), self.deps.crypto,
+                            allow_private=self.allow_private)
+
+    async def write_settings(self, enterprise: str, changes: Mapping[str, Any]
+                             ) -> dict[str, Any]:
+        """A validated partial update (``account.update``)."""
+        return await account.update(self.deps.pool, enterprise, changes, self.deps.crypto,
+                                    allow_private=self.allow_private)
+
+    async def test_connection(self, enterprise: str,
+                              changes: Mapping[str, Any] | None = None) -> CredentialsCheck:
+        """``check_credentials`` of the stored settings (with ``changes``, unsaved)."""
+        current = await cfg.read_raw(self.deps.pool, enterprise)
+        _values, config = account.prepare(current, changes or {}, self.deps.crypto,
+                                          allow_private=self.allow_private)
+        return await self.check_credentials(config)
+
+    async def managers(self, enterprise: str) -> ManagersView:
+        """Active RetailCRM users with status and number, and the mismatches."""
+        config = await self._stored_config(enterprise)
+        if not (config.domain and config.api_key):
+            raise ConfigError("domain", "RetailCRM is not connected: set the account "
+                              "address and the API key first")
+        client = self.client(config, timeout_s=CHECK_TIMEOUT_S)
+        return await extensions.managers(client, config, self.identity.code)
+
+    async def internal_numbers_view(self, enterprise: str) -> list[InternalNumber]:
+        """The enterprise's numbers with owners and the managers on them."""
+        raw = await cfg.read_raw(self.deps.pool, enterprise)
+        return await extensions.internal_numbers(self.deps.pool, enterprise,
+                                                 extensions.stored_map(raw))
+
+    async def extensions(self, enterprise: str) -> dict[str, str]:
+        """The stored ``user_extensions``."""
+        return extensions.stored_map(await cfg.read_raw(self.deps.pool, enterprise))
+
+    async def _stored_config(self, enterprise: str) -> cfg.RetailCrmConfig:
+        return cfg.parse(await cfg.read_raw(self.deps.pool, enterprise) or {},
+                         self.deps.crypto, allow_private=self.allow_private)
 
     async def reconcile(self) -> int:
         """Re-sync every enterprise whose sync is pending or whose link is getting old
@@ -362,7 +428,7 @@ class RetailCrmAdapter:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(),
-                                       RECONCILE_INTERVAL_S * random.uniform(0.8, 1.2))
+                                       RECONCILE_INTERVAL_S * self._rng.uniform(0.8, 1.2))
             if stopping.is_set():
                 return
             try:

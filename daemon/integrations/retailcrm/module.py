@@ -1,7 +1,7 @@
 """The telephony module crm-bridge registers in each enterprise's RetailCRM account.
 
-Owns the ``integrationModule`` object (RETAILCRM.md, "The module object") and its life
-cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
+Owns the ``integrationModule`` object (docs/retailcrm.md, "The module registration") and its
+life cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
 re-syncs and unregisters it, keeping the stored configuration in step.
 
 What the module says (``<base>`` = ``CRM_BRIDGE_PUBLIC_URL`` + ``/retailcrm``):
@@ -29,6 +29,7 @@ rows: the clientId, the link and the API key never reach it.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,11 +39,11 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from daemon import links, store
+from daemon import db, links, store
 from daemon.errors import AuthFailed, ConfigError, DeliveryError, Retryable
 from daemon.integrations.base import AdapterDeps, Exchange, RegistrationResult
 from daemon.integrations.retailcrm import config as cfg
-from daemon.integrations.retailcrm.client import RetailCrmClient
+from daemon.integrations.retailcrm.client import account_client
 from daemon.logs import mask
 
 log = structlog.get_logger(__name__)
@@ -152,6 +153,7 @@ class Registrar:
     def __init__(self, deps: AdapterDeps, identity: ModuleIdentity) -> None:
         self._deps = deps
         self.identity = identity
+        self._allow_private = cfg.allows_private(deps.settings)
 
     # ------------------------------------------------------------------ operations
 
@@ -245,7 +247,8 @@ class Registrar:
                  "link and the old clientId are revoked; the managers' numbers are kept.")
         if remote.ok:
             return RegistrationResult(ok=True, message=f"{remote.message} {local}",
-                                      warnings=remote.warnings)
+                                      warnings=remote.warnings,
+                                      unknown_users=remote.unknown_users)
         return RegistrationResult(
             ok=False, error_id=remote.error_id, details=remote.details,
             message=f"RetailCRM was not updated: {remote.message} {local}")
@@ -262,7 +265,8 @@ class Registrar:
             deactivated = HOLD_DEACTIVATED in (row["holds"] or {})
             if not isinstance(raw, Mapping):
                 return _Loaded(None, deactivated, _not_configured(enterprise))
-            return _Loaded(cfg.parse(raw, self._deps.crypto), deactivated)
+            return _Loaded(cfg.parse(raw, self._deps.crypto, allow_private=self._allow_private),
+                           deactivated)
         except ConfigError as exc:
             problem = RegistrationResult(
                 ok=False, error_id="config", details={exc.field: exc.message},
@@ -279,7 +283,8 @@ class Registrar:
         stored = await cfg.write_keys(
             self._deps.pool, enterprise,
             {"client_id": self._deps.crypto.encrypt(new_client_id())}, only_missing=True)
-        return None if stored is None else cfg.parse(stored, self._deps.crypto)
+        return None if stored is None else cfg.parse(stored, self._deps.crypto,
+                                                     allow_private=self._allow_private)
 
     async def _edit(self, enterprise: str, config: cfg.RetailCrmConfig, *,
                     active: bool, verb: str) -> RegistrationResult:
@@ -291,15 +296,18 @@ class Registrar:
         module = build(self.identity, config, client_id=config.client_id, account_link=link,
                        active=active)
         exchanges: list[Exchange] = []
-        client = RetailCrmClient(self._deps.http, config.domain, config.api_key,
-                                 timeout_s=EDIT_TIMEOUT_S, on_exchange=exchanges.append)
+        hidden = (*config.secrets(), *filter(None, [link]))
+        client = account_client(self._deps, config, timeout_s=EDIT_TIMEOUT_S,
+                                on_exchange=exchanges.append, hidden=hidden)
         try:
             answer = await client.edit_module(self.identity.code, module)
         except DeliveryError as exc:
-            # RetailCRM's answer is quoted: mask what it may echo back (clientId, the link).
-            result = _masked(_failure(exc, config), (*config.secrets(), *filter(None, [link])))
+            result = _failure(exc, config)
         else:
             result = _success(answer, config, self.identity, verb)
+        # RetailCRM's answer is quoted either way (an error's text, the users and sites it
+        # does not know): mask what it may echo back (the clientId, the link, the key).
+        result = _masked(result, hidden)
         await self._log(enterprise, config, exchanges, result, link)
         return result
 
@@ -315,7 +323,7 @@ class Registrar:
             try:
                 await store.insert_log(self._deps.pool, enterprise, cfg.KEY, LOG_EVENT,
                                        request, response, result.ok, error)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
                 log.warning("module_log_not_written", enterprise=enterprise,
                             error=type(exc).__name__)
 
@@ -372,10 +380,10 @@ def _failure(exc: DeliveryError, config: cfg.RetailCrmConfig) -> RegistrationRes
 
 
 def _masked(result: RegistrationResult, hidden: tuple[str, ...]) -> RegistrationResult:
-    details = mask(dict(result.details), hidden)
-    return RegistrationResult(ok=result.ok, message=mask(result.message, hidden),
-                              error_id=result.error_id, details=details,
-                              warnings=tuple(mask(list(result.warnings), hidden)))
+    return dataclasses.replace(
+        result, message=mask(result.message, hidden), details=mask(dict(result.details), hidden),
+        warnings=tuple(mask(list(result.warnings), hidden)),
+        unknown_users=tuple(mask(list(result.unknown_users), hidden)))
 
 
 def _field_errors(details: Any) -> dict[str, str]:
@@ -412,4 +420,5 @@ def _success(answer: Mapping[str, Any], config: cfg.RetailCrmConfig,
             ("hangup", config.popup_hangup)))
         message += (f": {len(config.user_extensions)} manager extension(s), call cards "
                     f"{switches}.")
-    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings))
+    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings),
+                              unknown_users=tuple(unknown))
