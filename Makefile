@@ -41,6 +41,7 @@ lint: venv
 	$(BIN)/mypy
 
 bench: venv
+	@$(DEVENV) bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import time
@@ -43,6 +42,16 @@ def settings_line() -> str:
             f"enterprise_concurrency={THROUGHPUT['enterprise_concurrency']} "
             f"db_pool_max={THROUGHPUT['db_pool_max']} rate_limits={limits}, other settings "
             "default (poll_interval_s=1, notify on); pipeline.d uses the defaults throughout")
+
+
+def throughput_environ() -> dict[str, str]:
+    """``THROUGHPUT`` as the environment of a ``python -m daemon run`` process."""
+    return {
+        "CRM_BRIDGE_CONCURRENCY": str(THROUGHPUT["concurrency"]),
+        "CRM_BRIDGE_ENTERPRISE_CONCURRENCY": str(THROUGHPUT["enterprise_concurrency"]),
+        "CRM_BRIDGE_DB_POOL_MAX": str(THROUGHPUT["db_pool_max"]),
+        "CRM_BRIDGE_RATE_LIMITS": ",".join(f"{k}={v:g}" for k, v in THROUGHPUT["rate_limits"]),
+    }
 
 
 REPORTED = ("concurrency", "enterprise_concurrency", "db_pool_max", "rate_limits",
@@ -96,10 +105,3 @@ async def delivered_count(log: Path) -> int:
         text = await resp.text()
     match = re.search(r'^crm_bridge_deliveries_total\{outcome="done"\} (\S+)$', text, re.M)
     return int(float(match.group(1))) if match else 0
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

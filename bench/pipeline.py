@@ -24,16 +24,23 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
 
 from bench import upstream, workload, writers
-from bench.daemons import REPORTED, THROUGHPUT, cpu_seconds, daemon, delivered_count, process
+from bench.daemons import (
+    REPORTED,
+    THROUGHPUT,
+    daemon,
+    delivered_count,
+    process,
+    throughput_environ,
+)
 from bench.harness import OUT_DIR, Harness, describe_settings
+from bench.procfs import cpu_seconds
 from bench.results import Row
-from bench.workload import CALL_SERVICE_INSERT, Enterprise
+from bench.workload import CALL_SERVICE_INSERT
 from daemon.settings import Settings
 from tests.support.fakecrm import running_upstream
 
@@ -121,25 +128,6 @@ async def insert_rate(h: Harness) -> list[Row]:
 # ---------------------------------------------------------------------- drains
 
 
-async def _backlog(url: str, firms: list[Enterprise], integration: str,
-                   config: Callable[[Enterprise], Mapping[str, Any]], events: int, *,
-                   extensions: bool = False) -> int:
-    """Seed ``firms``, insert ``events`` events (dial + hangup per call) with no daemon
-    running, and freeze the backlog; the number of deliveries queued."""
-    conn = await asyncpg.connect(url)
-    try:
-        await workload.register(conn, integration)
-        await workload.seed(conn, firms, config, extensions=extensions)
-    finally:
-        await conn.close()
-    await workload.insert(url, workload.calls(firms, events // 2))
-    conn = await asyncpg.connect(url)
-    try:
-        return await workload.freeze(conn)
-    finally:
-        await conn.close()
-
-
 async def _drain(url: str, total: int) -> tuple[workload.Drain, float]:
     """Release the frozen backlog of ``total`` deliveries; (how long it took to settle,
     this process's CPU seconds meanwhile — an in-process daemon's, give or take the poll)."""
@@ -199,7 +187,7 @@ async def _drain_noop_once(h: Harness, total: int, instance: str
                                       dict[str, int], Settings]:
     firms = workload.enterprises(DRAIN_ENTERPRISES)
     async with h.database() as url:
-        queued = await _backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
+        queued = await workload.backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
         settings = h.settings(url, integration=NOOP, instance_id=instance, **THROUGHPUT)
         async with daemon(settings):
             drain, cpu = await _drain(url, queued)
@@ -238,7 +226,7 @@ async def drain_http(h: Harness) -> list[Row]:
     firms = workload.enterprises(DRAIN_ENTERPRISES)
     crypto = h.crypto
     async with h.database() as url, upstream.running("fakecrm") as up:
-        queued = await _backlog(
+        queued = await workload.backlog(
             url, firms, "fakecrm",
             lambda f: workload.fakecrm_config(crypto, up.url, f"key-{f.number}"), total)
         settings = h.settings(url, integration=FAKE, instance_id="bench-c", **THROUGHPUT)
@@ -375,14 +363,10 @@ async def two_instances(h: Harness) -> list[Row]:
     OUT_DIR.mkdir(exist_ok=True)
     logs_paths = [OUT_DIR / f"daemon-e{k}.log" for k in (1, 2)]
     async with h.database() as url:
-        queued = await _backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
+        queued = await workload.backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
         settings = h.settings(url, integration=NOOP, **THROUGHPUT)
         env = h.environ(url, CRM_BRIDGE_INTEGRATION=NOOP, CRM_BRIDGE_PORT="0",
-                        CRM_BRIDGE_CONCURRENCY=str(settings.concurrency),
-                        CRM_BRIDGE_ENTERPRISE_CONCURRENCY=str(settings.enterprise_concurrency),
-                        CRM_BRIDGE_DB_POOL_MAX=str(settings.db_pool_max),
-                        CRM_BRIDGE_RATE_LIMITS=",".join(f"{k}={v:g}"
-                                                        for k, v in settings.rate_limits))
+                        **throughput_environ())
         async with contextlib.AsyncExitStack() as stack:
             codes = []
             procs = [await stack.enter_async_context(
@@ -437,7 +421,7 @@ async def drain_retailcrm(h: Harness) -> list[Row]:
     crypto = h.crypto
     async with h.database() as url, upstream.running("retailcrm",
                                                      api_keys=list(keys.values())) as sim:
-        queued = await _backlog(
+        queued = await workload.backlog(
             url, firms, "retailcrm",
             lambda f: workload.retailcrm_config(crypto, sim.url, keys[f.number],
                                                 f"client-{f.number}-abcdef0123456789"),

@@ -2,6 +2,8 @@
 # Development bootstrap used by the Makefile: system packages, the virtualenv, a local DB.
 #   deploy/devenv.sh system    install PostgreSQL (apt-get) when its server binaries are missing
 #   deploy/devenv.sh venv      create .venv and install crm-bridge with its test/dev extras
+#   deploy/devenv.sh bench     what `make bench` adds: nginx and wrk (apt-get) when missing,
+#                              and the bench extra (pgqueuer, py-spy) in .venv
 #   deploy/devenv.sh database  print a database URL: $CRM_BRIDGE_DATABASE_URL when set, else
 #                              a throwaway cluster under .pgdata (started if needed)
 set -euo pipefail
@@ -39,6 +41,22 @@ venv() {
     if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
         "$VENV/bin/python" -m pip install -q -e '.[test,dev]'
+        touch "$stamp"
+    fi
+}
+
+bench() {
+    local missing=()
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "devenv: installing ${missing[*]} for the benchmarks (apt-get)" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+    local stamp="$VENV/.installed-bench"
+    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+        "$VENV/bin/python" -m pip install -q -e '.[bench]'
         touch "$stamp"
     fi
 }
