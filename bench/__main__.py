@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from bench import anchors, cache, pipeline
+from bench import anchors, cache, ingest, latency, memory, pipeline
 from bench.daemons import settings_line
 from bench.harness import OUT_DIR, Harness, configure_logging
 from bench.results import (
@@ -52,6 +52,10 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "anchor.noop": (anchors.noop, "no-op drain: crm-bridge vs a pgqueuer worker, rounds"),
     "anchor.retailcrm": (anchors.retailcrm,
                          "RetailCRM drain to nginx: crm-bridge vs a pgqueuer HTTP worker"),
+    "anchor.latency": (latency.latency,
+                       "insert → first byte at the upstream via RetailCRM, 500/s and 20/s"),
+    "anchor.ingest": (ingest.ingest, "POST /api/events vs a bare aiohttp + asyncpg handler"),
+    "anchor.rss": (memory.rss, "RSS with 10,000 enterprises cached, 100,000 events queued"),
     "cache.a": (cache.propagation, "config change → both instances' caches"),
     "cache.b": (cache.refresh_and_rss, "refresh_all of 10,000 enterprises; RSS"),
 }

@@ -92,16 +92,25 @@ async def process(env: Mapping[str, str], log: Path) -> AsyncIterator[asyncio.su
                 await proc.wait()
 
 
-async def delivered_count(log: Path) -> int:
-    """``crm_bridge_deliveries_total{outcome="done"}`` of the daemon that logs to ``log``
-    (its URL is in its ``listening`` line), from its ``/metrics``."""
+def listening_url(log: Path) -> str:
+    """The URL of the daemon that logs to ``log`` (from its ``listening`` line)."""
     for line in log.read_bytes().splitlines():
         if b'"listening"' in line:
-            url = json.loads(line)["url"]
-            break
-    else:
-        raise RuntimeError(f"no listening line in {log}")
+            return str(json.loads(line)["url"])
+    raise RuntimeError(f"no listening line in {log}")
+
+
+async def metric(log: Path, sample: str) -> float | None:
+    """The value of one ``/metrics`` sample (its name with labels, exactly as exposed) of
+    the daemon that logs to ``log``; None when it is not exposed."""
+    url = listening_url(log)
     async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
         text = await resp.text()
-    match = re.search(r'^crm_bridge_deliveries_total\{outcome="done"\} (\S+)$', text, re.M)
-    return int(float(match.group(1))) if match else 0
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
+
+
+async def delivered_count(log: Path) -> int:
+    """``crm_bridge_deliveries_total{outcome="done"}`` of the daemon that logs to ``log``."""
+    done = await metric(log, 'crm_bridge_deliveries_total{outcome="done"}')
+    return int(done or 0)

@@ -107,7 +107,9 @@ class Ratio:
     high: float
 
     def text(self) -> str:
-        """``×1.11 (pairs ×0.98–1.25)``."""
+        """``×1.11 (pairs ×0.98–1.25)``; the pair range only when there are several."""
+        if self.low == self.high:
+            return f"×{self.value:.2f}"
         return f"×{self.value:.2f} (pairs ×{self.low:.2f}–{self.high:.2f})"
 
 
