@@ -155,7 +155,7 @@ def comparison_rows(name: str, what: str, yardstick: str, got: dict[str, list[Ro
         s = rounds.series([r.rate for r in rs])
         assert s is not None
         rows.append(Row(f"{name} {label} ({len(rs)} rounds)",
-                        f"{s.text()} /s{_settled(rs)}", value=s.median,
+                        f"{s.text(unit='/s')}{_settled(rs)}", value=s.median,
                         details=details if side == "crm-bridge" else {}))
     rate = rounds.ratio([r.rate for r in ours], [r.rate for r in theirs])
     if rate is not None:
@@ -176,7 +176,7 @@ def comparison_rows(name: str, what: str, yardstick: str, got: dict[str, list[Ro
             row.check(cpu.value, at_most=cpu_at_most)
         rows.append(row)
         if proc == CONSUMER and cpu_ms_at_most is not None:
-            rows.append(Row(f"{name} daemon CPU per delivery", f"{sa.text('.2f')} ms",
+            rows.append(Row(f"{name} daemon CPU per delivery", sa.text(".2f", " ms"),
                             f"≤ {cpu_ms_at_most:g} ms").check(sa.median,
                                                               at_most=cpu_ms_at_most))
     return rows

@@ -35,7 +35,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import rounds, workload
+from bench import rounds, sampling, workload
 from bench.daemons import listening_url, process
 from bench.harness import OUT_DIR, PYTHON, ROOT, Harness, child_environ
 from bench.procfs import cpu_of, postmaster_pid
@@ -237,6 +237,13 @@ async def ingest(h: Harness) -> list[Row]:
                                         seconds, side)
 
             got = await rounds.interleave(count, [(s, side_run(s)) for s in targets])
+            profiled = None
+            if h.profile:  # one more crm-bridge round, sampled, not counted
+                async with sampling.sampled(daemon_proc.pid,
+                                            OUT_DIR / "anchor-ingest.pyspy.txt") as profiled:
+                    await side_run("crm-bridge")(-1)
+                print(f"bench: anchor-ingest sampled profile of the daemon:\n"
+                      f"{sampling.describe(profiled)}", file=sys.stderr)
         conn = await asyncpg.connect(url)
         try:
             stored = await conn.fetchval("SELECT count(*) FROM crm_events")
@@ -244,6 +251,8 @@ async def ingest(h: Harness) -> list[Row]:
             await conn.close()
     rows = _rows(got)
     rows[0].details["events_stored"] = stored  # warm-ups included; every 202 stored one
+    if profiled:
+        rows[0].details["profile"] = profiled
     return rows
 
 
@@ -259,7 +268,7 @@ def _rows(got: dict[str, list[Round]]) -> list[Row]:
         p50 = rounds.series([r.details["wrk"].get("p50_ms") for r in rs])
         bad = sum(r.details["wrk"].get("non_2xx", 0) for r in rs)
         rows.append(Row(f"anchor.ingest {label}, {CONNECTIONS} clients ({len(rs)} rounds)",
-                        f"{s.text()} req/s" + (f", p50 {p50.text('.1f')} ms" if p50 else "")
+                        s.text(unit=" req/s") + (f", p50 {p50.text('.1f', ' ms')}" if p50 else "")
                         + (f" ({bad} non-2xx)" if bad else ""), value=s.median,
                         details=details if rs is ours else {}))
     rate = rounds.ratio([r.rate for r in ours], [r.rate for r in theirs])

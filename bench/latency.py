@@ -136,8 +136,12 @@ async def _latency_at(h: Harness, rate: float, count: int) -> dict[str, Any]:
         arrived = arrivals(received)
     measured = list(sent)[warmup:]
     latencies = [arrived[k] - sent[k] for k in measured if k in arrived]
+    reached = [arrived[k] for k in measured if k in arrived]
+    span_s = max(reached, default=0.0) - min((sent[k] for k in measured), default=0.0)
     return {"rate": rate, "events": len(measured), "warmup_events": warmup,
             "received": len(latencies), "requests": len(received), "statuses": counts,
+            # below the paced rate: the daemon fell behind and a queue built up
+            "delivered_per_s": round(len(reached) / span_s, 1) if span_s > 0 else None,
             "latencies_s": latencies,
             "insert_s": [insert_s[k] for k in measured if k in insert_s],
             "settings": describe_settings(h.settings(url), REPORTED)}

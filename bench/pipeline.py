@@ -110,9 +110,9 @@ async def insert_rate(h: Harness) -> list[Row]:
     plain, fanned = Series(tuple(got["plain"])), Series(tuple(got["fanned"]))
     rows = [
         Row("pipeline.a plain INSERT, 8 asyncpg writers (baseline)",
-            f"{plain.text()} rows/s", value=plain.median, details=details),
+            plain.text(unit=" rows/s"), value=plain.median, details=details),
         Row("pipeline.a crm_events INSERT, 8 asyncpg writers",
-            f"{fanned.text()} rows/s", value=fanned.median),
+            fanned.text(unit=" rows/s"), value=fanned.median),
     ]
     for key, label in (("", "asyncpg writers"), ("c_", "pgbench (C client)")):
         ratio_ = ratio(got[f"{key}fanned"], got[f"{key}plain"])
@@ -339,8 +339,8 @@ def latency_rows(name: str, got: dict[str, Any]) -> list[Row]:
                 "insert_p50_ms": round(workload.percentile(ins, 0.5) * 1000, 2),
                 "insert_p99_ms": round(workload.percentile(ins, 0.99) * 1000, 2)})
     lost = got["events"] - got["received"]
-    p50_row = Row(f"{name} p50", f"{p50:.1f} ms", "≤ 5 ms", details=got).check(p50, at_most=5)
-    p99_row = Row(f"{name} p99", f"{p99:.1f} ms", "≤ 25 ms").check(p99, at_most=25)
+    p50_row = Row(f"{name} p50", f"{p50:,.1f} ms", "≤ 5 ms", details=got).check(p50, at_most=5)
+    p99_row = Row(f"{name} p99", f"{p99:,.1f} ms", "≤ 25 ms").check(p99, at_most=25)
     if lost:
         p99_row.verdict = "MISS"
         p99_row.figure += f" ({lost} never arrived)"

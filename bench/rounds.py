@@ -83,11 +83,11 @@ class Series:
         """The median (the figure the verdict is on)."""
         return statistics.median(self.values)
 
-    def text(self, fmt: str = ",.0f") -> str:
-        """``median (min–max)``; just the value when there is one."""
+    def text(self, fmt: str = ",.0f", unit: str = "") -> str:
+        """``median<unit> (min–max)``; just the value when there is one."""
         if len(self.values) == 1:
-            return format(self.values[0], fmt)
-        return (f"{self.median:{fmt}} ({min(self.values):{fmt}}–"
+            return f"{self.values[0]:{fmt}}{unit}"
+        return (f"{self.median:{fmt}}{unit} ({min(self.values):{fmt}}–"
                 f"{max(self.values):{fmt}})")
 
 
