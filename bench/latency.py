@@ -27,6 +27,7 @@ from bench import workload
 from bench.daemons import REPORTED, process
 from bench.harness import OUT_DIR, Harness, describe_settings
 from bench.pipeline import latency_rows, paced
+from bench.procfs import cpu_seconds
 from bench.results import Row
 from bench.workload import Enterprise
 
@@ -125,11 +126,13 @@ async def _latency_at(h: Harness, rate: float, count: int) -> dict[str, Any]:
             env = h.environ(url, CRM_BRIDGE_INTEGRATION="retailcrm", CRM_BRIDGE_PORT="0",
                             CRM_BRIDGE_INSTANCE_ID=f"bench-lat{rate:g}",
                             CRM_BRIDGE_ALLOW_PRIVATE_CRM="1")
-            async with process(env, OUT_DIR / f"daemon-latency{rate:g}.log"):
+            async with process(env, OUT_DIR / f"daemon-latency{rate:g}.log") as proc:
+                cpu, clock = cpu_seconds(proc.pid), time.monotonic()
                 await paced(url, events, rate, sent, insert_s)
                 deadline = time.monotonic() + SETTLE_TIMEOUT_S
                 while await conn.fetchval(workload.PENDING) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
+                cpu, clock = cpu_seconds(proc.pid) - cpu, time.monotonic() - clock
             counts = await workload.statuses(conn)
         finally:
             await conn.close()
@@ -142,6 +145,8 @@ async def _latency_at(h: Harness, rate: float, count: int) -> dict[str, Any]:
             "received": len(latencies), "requests": len(received), "statuses": counts,
             # below the paced rate: the daemon fell behind and a queue built up
             "delivered_per_s": round(len(reached) / span_s, 1) if span_s > 0 else None,
+            "daemon_cpu_share": round(cpu / clock, 2),
+            "daemon_cpu_ms_per_event": round(cpu / len(events) * 1000, 3),
             "latencies_s": latencies,
             "insert_s": [insert_s[k] for k in measured if k in insert_s],
             "settings": describe_settings(h.settings(url), REPORTED)}
