@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from bench import anchors, cache, ingest, latency, memory, pipeline
+from bench import anchors, cache, ingest, journal, latency, memory, pipeline
 from bench.daemons import settings_line
 from bench.harness import OUT_DIR, Harness, configure_logging
 from bench.results import (
@@ -58,6 +58,8 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "anchor.rss": (memory.rss, "RSS with 10,000 enterprises cached, 100,000 events queued"),
     "cache.a": (cache.propagation, "config change → both instances' caches"),
     "cache.b": (cache.refresh_and_rss, "refresh_all of 10,000 enterprises; RSS"),
+    "journal.a": (journal.first_page, "admin journal of 100,000 deliveries: first page"),
+    "journal.b": (journal.live_view, "call event → open journal page (SSE)"),
 }
 
 

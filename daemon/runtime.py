@@ -1,14 +1,15 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
-``build`` is the composition root's one place of construction (STYLE.md rules 1 and 2):
-pool, HTTP session, metrics registry, crypto, adapter, and — as later parts arrive — the
-config cache, listener, dispatcher and log writer. Each is set up with its teardown pushed
-onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
+``build`` is the composition root's one place of construction (no singletons; set-up and
+teardown in pairs): pool, HTTP session, metrics registry, crypto, adapter, config cache,
+listener, dispatcher, log writer and the journal's live feed. Each is set up with its
+teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -23,6 +24,7 @@ from daemon import __version__, db, loopwatch, retention, store
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
 from daemon.dispatcher import Dispatcher
+from daemon.feed import JournalFeed
 from daemon.guards import Guards
 from daemon.integrations import load as load_adapter
 from daemon.integrations.base import Adapter, AdapterDeps
@@ -54,6 +56,7 @@ class Runtime:
     writer: OutcomeWriter
     dispatcher: Dispatcher
     listener: Listener | None
+    feed: JournalFeed
     started_at: float = field(default_factory=time.time)
 
 
@@ -97,6 +100,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         guards = Guards({**adapter.rate_limits, **dict(settings.rate_limits)},
                         settings.enterprise_concurrency, metrics)
         writer = OutcomeWriter(pool, adapter.name, metrics)
+        doorbell_window_s = await store.doorbell_window_s(pool)
         dispatcher = Dispatcher(
             pool, adapter, cache, guards, writer, metrics, instance_id=settings.instance_id,
             http=http,
@@ -105,15 +109,20 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
-            doorbell_window_s=await store.doorbell_window_s(pool),
+            doorbell_window_s=doorbell_window_s,
         )
-        listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
+        feed = JournalFeed(pool, adapter.name, metrics, doorbell_window_s=doorbell_window_s)
+        writer.on_written(feed.settled)
+        listener = (_listener(settings, cache, dispatcher, feed, metrics) if settings.notify
+                    else None)
+        if listener is None:  # poll only: no LISTEN connection to report, nor to alert on
+            metrics.registry.unregister(metrics.listener_connected)
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
-            dispatcher=dispatcher, listener=listener,
+            dispatcher=dispatcher, listener=listener, feed=feed,
         )
-        metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
+        metrics.info.labels(adapter.name, __version__, socket.gethostname()).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
         if listener is not None:
             stack.push_async_callback(listener.close)
@@ -125,14 +134,19 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
-              metrics: Metrics) -> Listener:
+              feed: JournalFeed, metrics: Metrics) -> Listener:
     async def catch_up(since: float) -> None:
         await cache.catch_up(since)
         dispatcher.wake()
+        feed.wake()
+
+    def on_events(payload: str) -> None:
+        dispatcher.doorbell(payload)
+        feed.ring(payload)
 
     return Listener(
         settings.database_url,
-        {"crm_events": dispatcher.doorbell, "crm_config": lambda p: on_config(cache, p)},
+        {"crm_events": on_events, "crm_config": lambda p: on_config(cache, p)},
         catch_up, metrics, probe_interval_s=settings.listener_probe_s,
         command_timeout_s=settings.db_command_timeout_s,
         application_name=f"crm-bridge:{settings.integration}:listener",
@@ -156,6 +170,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("dispatcher", rt.dispatcher.run(stopping))
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
+    spawn("journal-feed", rt.feed.run(stopping))
     spawn("loop-watch", loopwatch.run(rt.metrics, stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
                                          s.purge_interval_s, rt.metrics, stopping))

@@ -27,6 +27,7 @@ def test_select_by_name_and_prefix() -> None:
     assert select([]) == list(BENCHMARKS)
     assert select(["cache"]) == ["cache.a", "cache.b"]
     assert select(["anchor"]) == ANCHORS
+    assert select(["journal"]) == ["journal.a", "journal.b"]
     assert select(["pipeline.d,cache.a", "pipeline.d"]) == ["pipeline.d", "cache.a"]
     assert select(["anchor.rss,pipeline.a"]) == ["pipeline.a", "anchor.rss"]
     with pytest.raises(ValueError, match=r"no benchmark 'pipeline\.z'"):

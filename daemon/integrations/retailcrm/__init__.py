@@ -1,7 +1,8 @@
 """The RetailCRM (Simla.com) adapter: the glue between the core and RetailCRM.
 
-The pieces (STYLE.md rule 7): ``config`` (the stored settings), ``events`` (pure mapping),
-``client`` (the dumb HTTP client), ``module`` (the telephony module we register),
+The pieces (mapping, client and glue kept apart): ``config`` (the stored settings),
+``account`` (the settings as an admin edits them), ``events`` (pure mapping), ``client``
+(the dumb HTTP client), ``module`` (the telephony module we register),
 ``extensions`` (managers ↔ internal numbers), ``http`` (RetailCRM's callbacks to us) and
 ``simulator`` (a strict stand-in for tests and demos). This file implements the core's
 ``Adapter`` protocol with them.
@@ -34,7 +35,7 @@ from aiohttp import web
 
 from daemon import store
 from daemon.calls import StoredEvent, parse_call, parse_event
-from daemon.errors import DeliveryError, Permanent
+from daemon.errors import ConfigError, DeliveryError, Permanent
 from daemon.integrations.base import (
     AdapterDeps,
     CredentialsCheck,
@@ -42,12 +43,14 @@ from daemon.integrations.base import (
     Delivered,
     DeliveryContext,
     IntegrationConfig,
+    InternalNumber,
+    ManagersView,
     Outcome,
     RegistrationResult,
     Skipped,
 )
+from daemon.integrations.retailcrm import account, extensions, routing
 from daemon.integrations.retailcrm import config as cfg
-from daemon.integrations.retailcrm import extensions, routing
 from daemon.integrations.retailcrm.client import MAX_UPLOAD_BATCH, RetailCrmClient
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, batches, plan
 from daemon.integrations.retailcrm.module import LINK_REFRESH_S, ModuleIdentity, Registrar
@@ -64,6 +67,7 @@ REQUIRED_SCOPES = ("integration_read", "integration_write", "telephony_read",
 CHECK_TIMEOUT_S = 5.0
 RECONCILE_INTERVAL_S = 180.0
 RECONCILE_BATCH = 100
+TEMPLATES = Path(__file__).parent / "templates"
 
 __all__ = ["NAME", "RetailCrmAdapter", "create_adapter"]
 
@@ -73,7 +77,7 @@ class RetailCrmAdapter:
 
     name = NAME
     event_types = frozenset({"dial", "hangup", "download"})
-    # RetailCRM's documented client-side limits per API key (RETAILCRM.md).
+    # RetailCRM's documented client-side limits per API key (docs/retailcrm.md).
     rate_limits: Mapping[str, float] = {"default": 10.0, "telephony": 40.0}
     max_batch = MAX_UPLOAD_BATCH
 
@@ -283,8 +287,49 @@ class RetailCrmAdapter:
         return {"extensions-sync": self.run_reconciler(stopping)}
 
     def templates_dir(self) -> Path | None:
-        """No admin templates yet (the admin pages come later)."""
-        return None
+        """The RetailCRM part of the admin pages (the connection form)."""
+        return TEMPLATES
+
+    # ------------------------------------------------------------------ administration
+
+    async def read_settings(self, enterprise: str) -> dict[str, Any]:
+        """The masked settings view (``account.view``)."""
+        return account.view(await cfg.read_raw(self.deps.pool, enterprise), self.deps.crypto)
+
+    async def write_settings(self, enterprise: str, changes: Mapping[str, Any]
+                             ) -> dict[str, Any]:
+        """A validated partial update (``account.update``)."""
+        return await account.update(self.deps.pool, enterprise, changes, self.deps.crypto)
+
+    async def test_connection(self, enterprise: str,
+                              changes: Mapping[str, Any] | None = None) -> CredentialsCheck:
+        """``check_credentials`` of the stored settings (with ``changes``, unsaved)."""
+        current = await cfg.read_raw(self.deps.pool, enterprise)
+        _values, config = account.prepare(current, changes or {}, self.deps.crypto)
+        return await self.check_credentials(config)
+
+    async def managers(self, enterprise: str) -> ManagersView:
+        """Active RetailCRM users with status and number, and the mismatches."""
+        config = await self._stored_config(enterprise)
+        if not (config.domain and config.api_key):
+            raise ConfigError("domain", "RetailCRM is not connected: set the account "
+                              "address and the API key first")
+        client = self.client(config, timeout_s=CHECK_TIMEOUT_S)
+        return await extensions.managers(client, config, self.identity.code)
+
+    async def internal_numbers_view(self, enterprise: str) -> list[InternalNumber]:
+        """The enterprise's numbers with owners and the managers on them."""
+        raw = await cfg.read_raw(self.deps.pool, enterprise)
+        return await extensions.internal_numbers(self.deps.pool, enterprise,
+                                                 extensions.stored_map(raw))
+
+    async def extensions(self, enterprise: str) -> dict[str, str]:
+        """The stored ``user_extensions``."""
+        return extensions.stored_map(await cfg.read_raw(self.deps.pool, enterprise))
+
+    async def _stored_config(self, enterprise: str) -> cfg.RetailCrmConfig:
+        return cfg.parse(await cfg.read_raw(self.deps.pool, enterprise) or {},
+                         self.deps.crypto)
 
     async def reconcile(self) -> int:
         """Re-sync every enterprise whose sync is pending or whose link is getting old
