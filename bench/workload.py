@@ -1,7 +1,7 @@
 """What the benchmarks feed the pipeline: enterprises, real call bodies, a queued backlog.
 
-Call bodies have the shape the platform's Asterisk listener really sends (docs/events.md,
-EVENTS.md): incoming and outgoing calls, answered and missed, several ringing extensions.
+Call bodies have the shape the platform's Asterisk listener really sends (docs/events.md):
+incoming and outgoing calls, answered and missed, several ringing extensions.
 They are inserted exactly as a call service does — ``CALL_SERVICE_INSERT``, one row per
 statement, autocommit — so the fan-out triggers resolve the enterprise by ``Token``, create
 the deliveries and ring the doorbell.
