@@ -154,15 +154,18 @@ def comparison_rows(name: str, what: str, yardstick: str, got: dict[str, list[Ro
     for side, label, rs in (("crm-bridge", what, ours), ("pgqueuer", yardstick, theirs)):
         s = rounds.series([r.rate for r in rs])
         assert s is not None
+        unsettled = _settled(rs)
         rows.append(Row(f"{name} {label} ({len(rs)} rounds)",
-                        f"{s.text(unit='/s')}{_settled(rs)}", value=s.median,
+                        f"{s.text(unit='/s')}{unsettled}", value=s.median,
+                        # a drain that lost or failed work measured something else
+                        verdict="MISS" if unsettled else "-",
                         details=details if side == "crm-bridge" else {}))
     rate = rounds.ratio([r.rate for r in ours], [r.rate for r in theirs])
     if rate is not None:
         rows.append(Row(f"{name} rate crm-bridge / pgqueuer", rate.text(),
                         f"≥ ×{rate_at_least:g}").check(rate.value, at_least=rate_at_least))
     for proc, label in ((CONSUMER, "daemon / worker"), (UPSTREAM, "nginx"),
-                           (POSTGRES, "PostgreSQL")):
+                        (POSTGRES, "PostgreSQL")):
         a, b = rounds.cpu_values(ours, proc), rounds.cpu_values(theirs, proc)
         sa, sb = rounds.series(a), rounds.series(b)
         if sa is None or sb is None:

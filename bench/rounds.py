@@ -84,9 +84,9 @@ class Series:
         return statistics.median(self.values)
 
     def text(self, fmt: str = ",.0f", unit: str = "") -> str:
-        """``median<unit> (min–max)``; just the value when there is one."""
-        if len(self.values) == 1:
-            return f"{self.values[0]:{fmt}}{unit}"
+        """``median<unit> (min–max)``; just the median when they are all one value."""
+        if min(self.values) == max(self.values):
+            return f"{self.median:{fmt}}{unit}"
         return (f"{self.median:{fmt}}{unit} ({min(self.values):{fmt}}–"
                 f"{max(self.values):{fmt}})")
 

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs
 import aiohttp
 import pytest
 
-from bench import ingest, latency, nginx, pgqworker, procfs, rounds, sampling
+from bench import anchors, ingest, latency, nginx, pgqworker, procfs, rounds, sampling
 from bench.__main__ import BENCHMARKS, select
 from daemon.integrations.retailcrm.client import RetailCrmClient
 from tests.support.daemon import ROOT
@@ -206,3 +206,31 @@ def test_pgqueuer_worker_sends_retailcrm_shaped_requests() -> None:
     assert upload[0] == pgqworker.UPLOAD_PATH
     (call,) = json.loads(parse_qs(upload[1].decode())["calls"][0])
     assert call["externalId"] == "1757.1" and call["result"] == "answered"
+
+
+def test_anchor_rows_give_each_side_the_ratios_and_the_verdicts() -> None:
+    def side(name: str, rates: list[float], cpu_ms: float, **details: object) -> list[
+            rounds.Round]:
+        return [rounds.Round(name, 1_000, 1_000 / rate,
+                             {rounds.CONSUMER: cpu_ms, rounds.UPSTREAM: None,
+                              rounds.POSTGRES: cpu_ms / 2}, dict(details))
+                for rate in rates]
+
+    got = {"crm-bridge": side("crm-bridge", [500.0, 600.0, 700.0], 1.0,
+                              statuses={"done": 1_000}),
+           "pgqueuer": side("pgqueuer", [1_000.0, 1_200.0, 1_400.0], 0.5, worker={})}
+    rows = {r.benchmark: r for r in anchors.comparison_rows(
+        "anchor.x", "ours", "theirs", got, rate_at_least=1.0, cpu_at_most=None,
+        cpu_ms_at_most=0.5)}
+    assert rows["anchor.x ours (3 rounds)"].figure == "600/s (500–700)"
+    assert rows["anchor.x rate crm-bridge / pgqueuer"].figure == "×0.50"
+    assert rows["anchor.x rate crm-bridge / pgqueuer"].verdict == "MISS"
+    assert rows["anchor.x daemon CPU per delivery"].figure == "1.00 ms"
+    assert rows["anchor.x daemon CPU per delivery"].verdict == "MISS"
+    assert rows["anchor.x CPU s per 1,000, PostgreSQL"].figure == "0.500 vs 0.250 = ×2.00"
+    assert "anchor.x CPU s per 1,000, nginx" not in rows  # not measured: no row
+
+    got["crm-bridge"][1].details["statuses"] = {"done": 990, "failed": 10}
+    (ours, *_rest) = anchors.comparison_rows("anchor.x", "ours", "theirs", got,
+                                             rate_at_least=1.0, cpu_at_most=None)
+    assert ours.verdict == "MISS" and "settled" in ours.figure
