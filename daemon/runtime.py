@@ -20,7 +20,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, loopwatch, retention, store
+from daemon import __version__, db, egress, loopwatch, retention, store
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
 from daemon.dispatcher import Dispatcher
@@ -79,7 +79,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             timeout=aiohttp.ClientTimeout(
                 total=settings.attempt_timeout_s, connect=HTTP_CONNECT_TIMEOUT_S
             ),
-            connector=aiohttp.TCPConnector(limit=max(100, settings.concurrency)),
+            connector=egress.connector(allow_private=settings.allow_private_crm,
+                                       limit=max(100, settings.concurrency)),
         )
         stack.push_async_callback(http.close)
         metrics = Metrics(settings.integration)
@@ -88,9 +89,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             settings.integration,
             AdapterDeps(
                 crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
-                secret_key=settings.secret_key,
-                settings={"retailcrm_module_code": settings.retailcrm_module_code,
-                          "retailcrm_module_name": settings.retailcrm_module_name},
+                secret_key=settings.secret_key, settings=settings.adapter_settings(),
             ),
         )
         supervisor = Supervisor()

@@ -7,7 +7,7 @@ from pathlib import Path
 from aiohttp import web
 
 from daemon.runtime import RUNTIME, Runtime
-from web import admin, admin_api, api, health, middlewares, openapi
+from web import admin, admin_api, api, bodies, health, middlewares, openapi
 from web.auth import admin_prefix
 from web.templating import TEMPLATES, environment
 
@@ -17,7 +17,7 @@ MAX_BODY_BYTES = 1024 * 1024
 def create_app(runtime: Runtime) -> web.Application:
     """The whole HTTP surface of one process."""
     app = web.Application(
-        middlewares=[middlewares.measure, middlewares.errors],
+        middlewares=[middlewares.measure, middlewares.errors, bodies.refuse_malformed],
         client_max_size=MAX_BODY_BYTES,
     )
     app[RUNTIME] = runtime
