@@ -39,7 +39,6 @@ RETAILCRM_ENTERPRISES = 200
 ROUNDS = 3
 QUICK_ROUNDS = 1
 DRAIN_TIMEOUT_S = 180.0
-PRIVATE_CRM = {"CRM_BRIDGE_ALLOW_PRIVATE_CRM": "1"}  # nginx is on loopback, over http
 
 
 def _rounds(h: Harness) -> int:
@@ -87,8 +86,7 @@ async def crm_round(h: Harness, name: str, adapter: tuple[str, str], firms: list
         queued = await workload.backlog(url, firms, adapter_name, config, events,
                                         extensions=adapter_name == "retailcrm")
         env = h.environ(url, CRM_BRIDGE_INTEGRATION=integration, CRM_BRIDGE_PORT="0",
-                        CRM_BRIDGE_INSTANCE_ID=f"bench-{name}", **throughput_environ(),
-                        **PRIVATE_CRM)
+                        CRM_BRIDGE_INSTANCE_ID=f"bench-{name}", **throughput_environ())
         async with process(env, OUT_DIR / f"daemon-{name}.log") as proc:
             spy: AbstractAsyncContextManager[dict[str, Any]] = (
                 sampling.sampled(proc.pid, OUT_DIR / f"{name}.pyspy.txt") if profile

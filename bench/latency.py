@@ -124,8 +124,7 @@ async def _latency_at(h: Harness, rate: float, count: int) -> dict[str, Any]:
             await workload.register(conn, "retailcrm")
             await workload.seed(conn, firms, config, extensions=True)
             env = h.environ(url, CRM_BRIDGE_INTEGRATION="retailcrm", CRM_BRIDGE_PORT="0",
-                            CRM_BRIDGE_INSTANCE_ID=f"bench-lat{rate:g}",
-                            CRM_BRIDGE_ALLOW_PRIVATE_CRM="1")
+                            CRM_BRIDGE_INSTANCE_ID=f"bench-lat{rate:g}")
             async with process(env, OUT_DIR / f"daemon-latency{rate:g}.log") as proc:
                 cpu, clock = cpu_seconds(proc.pid), time.monotonic()
                 await paced(url, events, rate, sent, insert_s)

@@ -58,7 +58,7 @@ async def rss(h: Harness) -> list[Row]:
         queued = await _seed(h, url, upstream.url, events)
         seeded_s = time.monotonic() - started
         env = h.environ(url, CRM_BRIDGE_INTEGRATION="retailcrm", CRM_BRIDGE_PORT="0",
-                        CRM_BRIDGE_INSTANCE_ID="bench-rss", CRM_BRIDGE_ALLOW_PRIVATE_CRM="1")
+                        CRM_BRIDGE_INSTANCE_ID="bench-rss")
         async with process(env, log) as proc:
             cached = await metric(log, "crm_bridge_config_entries")
             idle = memory_kb(proc.pid)
