@@ -25,10 +25,11 @@ from tests.conftest import TEST_SECRET_KEY
 from tests.support.daemon import running
 from web.app import create_app
 
-# Public on purpose (and why): health checks and metrics (nginx keeps them internal), the
-# API's description, the module's logo RetailCRM shows, the pages' script and style.
+# Public on purpose (and why): health and readiness checks and metrics (nginx keeps the
+# metrics internal), the API's description, the module's logo RetailCRM shows, the pages'
+# script and style.
 PUBLIC = {
-    ("GET", "/health"), ("GET", "/metrics"), ("GET", "/api/openapi.yaml"),
+    ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/api/openapi.yaml"),
     ("GET", "/retailcrm/logo.svg"), ("GET", f"{PREFIX}/static"),
 }
 # Authenticated by the CRM's clientId (refused in the CRM's own error shape).
