@@ -59,6 +59,7 @@ docs: venv
 	$(BIN)/python -m daemon.reference
 
 bench: venv
+	@$(DEVENV) bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

@@ -221,7 +221,10 @@ BUMP_INTEGRATION_COUNTER = """
 UPDATE enterprises
    SET integrations_config = jsonb_set(
            integrations_config, ARRAY[$2::text, $3::text],
-           to_jsonb(coalesce((integrations_config -> $2::text ->> $3::text)::int, 0) + 1), true)
+           -- A value that is not a plain count (hand-edited: 1.5, 1e10, "x") counts as 0.
+           to_jsonb(CASE WHEN integrations_config -> $2::text ->> $3::text ~ '^[0-9]{1,9}$'
+                         THEN (integrations_config -> $2::text ->> $3::text)::int
+                         ELSE 0 END + 1), true)
  WHERE number = $1 AND integrations_config ? $2::text
 RETURNING (integrations_config -> $2::text ->> $3::text)::int
 """
@@ -767,11 +770,14 @@ INSERT INTO crm_admin_sessions (id_hash, enterprise_number, integration_type, to
 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
 """
 
-# A live session with the integration's token_version as stored now (NULL: not configured).
+# A live session with the integration's token_version as stored now (NULL: not configured,
+# or not a plain non-negative integer — such a version voids every session, never an error).
 ADMIN_SESSION = """
 SELECT s.enterprise_number, s.token_version,
        CASE WHEN jsonb_typeof(e.integrations_config -> s.integration_type -> 'token_version')
                  = 'number'
+             AND (e.integrations_config -> s.integration_type ->> 'token_version')
+                 ~ '^[0-9]{1,9}$'
             THEN (e.integrations_config -> s.integration_type ->> 'token_version')::int
        END AS current_version
   FROM crm_admin_sessions s
