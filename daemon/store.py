@@ -314,10 +314,14 @@ WITH due AS (
            o.owner IS NOT NULL AS owned,
            extract(epoch FROM o.until - now())::float8 AS owner_s
       FROM crm_deliveries d
-      LEFT JOIN crm_owners o
-        ON o.integration_type = d.integration_type
-       AND o.enterprise_number = d.enterprise_number
-       AND o.until >= now()
+      -- A lateral lookup per candidate, not a join the planner could turn into a hash join:
+      -- that would read every due row before the LIMIT instead of stopping at it.
+      LEFT JOIN LATERAL (
+             SELECT o.owner, o.until FROM crm_owners o
+              WHERE o.integration_type = d.integration_type
+                AND o.enterprise_number = d.enterprise_number
+                AND o.until >= now()
+              LIMIT 1) o ON true
      WHERE d.integration_type = $1
        AND d.status = 'pending'
        AND d.next_attempt_at <= now()
