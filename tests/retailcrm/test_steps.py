@@ -115,3 +115,22 @@ async def test_the_settle_window_delays_the_upload_but_not_the_hangup_event(
     later = await pool.fetchval(
         "SELECT count(*) FROM integration_logs WHERE event_type = 'dial'")
     assert later == 0, "the late dial waited behind the deferred hangup and sent nothing"
+
+
+async def test_hangups_whose_popup_is_done_share_one_upload_request(
+    sim: Simulator, pool: asyncpg.Pool, crypto: Crypto, make_settings: Callable[..., Settings]
+) -> None:
+    await seed(pool, crypto, sim.url, user_extensions={"1": "101"})
+    await register(pool, "retailcrm")
+    uids = [f"1757772742.7{n}" for n in range(3)]
+    for uid in uids:
+        await insert_event(pool, "hangup", hangup(uid, extensions=("101",)))
+    # Their popups went out before a restart; the uploads are what is left, all due.
+    await pool.execute("UPDATE crm_deliveries SET steps_done = '{popup}'")
+    await pool.execute("UPDATE crm_events SET received_at = now() - interval '10 seconds'")
+    async with running(make_settings(poll_interval_s=0.1)):
+        await wait_until(lambda: len(sim.state.uploaded_calls) == 3)
+        await settled(pool, 3)
+    assert sim.recorded(EVENT) == [], "no popup again"
+    (request,) = sim.recorded(UPLOAD)
+    assert sorted(call["externalId"] for call in request.form["calls"]) == uids
