@@ -73,6 +73,10 @@ class Settings:
     rate_limits: tuple[tuple[str, float], ...] = ()
     retailcrm_module_code: str = "vochi-telephony"
     retailcrm_module_name: str = "Vochi-CRM"
+    pbx_url: str = "http://127.0.0.1:8018"
+    pbx_timeout_s: float = 5.0
+    make_call_rate: float = 5.0
+    smart_redirect_deadline_s: float = 1.5
     generated: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
@@ -275,6 +279,13 @@ _FIELDS: tuple[_Field, ...] = (
            "code of the telephony module registered in RetailCRM (default vochi-telephony)"),
     _Field("retailcrm_module_name", _str,
            "name RetailCRM shows for that module (default Vochi-CRM)"),
+    _Field("pbx_url", _http_url,
+           "the platform's Asterisk service (default http://127.0.0.1:8018)"),
+    _Field("pbx_timeout_s", _positive_float, "timeout of one request to it (default 5)"),
+    _Field("make_call_rate", _positive_float,
+           "click-to-call requests per second per clientId before 429 (default 5)"),
+    _Field("smart_redirect_deadline_s", _positive_float,
+           "hard deadline of a smart-redirect answer (default 1.5)"),
 )
 
 
@@ -314,6 +325,9 @@ def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings
     return _finish(values, dev_mode, tuple(generated))
 
 
+# A smart redirect holds a ringing call: a deadline beyond this is a configuration mistake.
+MAX_REDIRECT_DEADLINE_S = 10.0
+
 _REQUIRED = frozenset({"database_url", "secret_key", "encryption_keys", "service_token"})
 
 
@@ -341,6 +355,9 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
         raise SettingsError(PREFIX + "ENTERPRISE_CONCURRENCY", "must be at least 1")
     if settings.max_attempts < 1:
         raise SettingsError(PREFIX + "MAX_ATTEMPTS", "must be at least 1")
+    if settings.smart_redirect_deadline_s > MAX_REDIRECT_DEADLINE_S:
+        raise SettingsError(PREFIX + "SMART_REDIRECT_DEADLINE_S",
+                            f"must be at most {MAX_REDIRECT_DEADLINE_S:g} (a caller is waiting)")
     return settings
 
 
