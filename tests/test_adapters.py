@@ -19,7 +19,7 @@ import daemon.integrations
 from daemon.crypto import Crypto
 from daemon.errors import ConfigError
 from daemon.integrations import available, load
-from daemon.integrations.base import Adapter, AdapterDeps
+from daemon.integrations.base import Adapter, AdapterDeps, Responsible, Route
 from tests.conftest import TEST_FERNET_KEY, TEST_SECRET_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ ADAPTERS = [*available(), "tests.support.fakecrm"]
 FIXED_FILES = ("__init__.py", "config.py", "client.py", "events.py")
 KNOWN_EVENT_TYPES = frozenset({"start", "dial", "bridge", "hangup", "download"})
 ASYNC_METHODS = ("deliver", "deliver_batch", "check_credentials", "list_users", "register",
-                 "unregister", "responsible_extension")
+                 "unregister", "responsible_manager")
 # STYLE.md: cli is the composition root (cli → web → core); it alone may import web.
 COMPOSITION_ROOT = Path("daemon/cli.py")
 
@@ -71,6 +71,24 @@ async def test_an_adapter_loads_by_name_and_satisfies_the_protocol(
         coro.close()  # never started: the runtime is the one that runs them
     templates = adapter.templates_dir()
     assert templates is None or templates.is_dir()
+    assert not inspect.iscoroutinefunction(adapter.route)  # pure: called on every call
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+async def test_nobody_known_routes_nowhere(name: str, deps: AdapterDeps) -> None:
+    adapter = load(name, deps)
+    config = adapter.parse_config({"enabled": False, **_minimal_config(name)})
+    route = adapter.route(config, Responsible(), {})
+    assert isinstance(route, Route)
+    assert route.extension is None and route.reason == "no_customer"
+
+
+def _minimal_config(name: str) -> dict[str, str]:
+    """What parse_config needs of a switched-off config of adapter ``name``."""
+    if name == "tests.support.fakecrm":
+        return {"url": "http://127.0.0.1:9", "api_key": Crypto(
+            (TEST_FERNET_KEY,), TEST_SECRET_KEY).encrypt("k")}
+    return {}
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
