@@ -1,9 +1,11 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
 ``build`` is the composition root's one place of construction (STYLE.md rules 1 and 2):
-pool, HTTP session, metrics registry, crypto, adapter, and — as later parts arrive — the
-config cache, listener, dispatcher and log writer. Each is set up with its teardown pushed
-onto one ``AsyncExitStack``. web/ reaches the Runtime through ``RUNTIME``.
+pool, HTTP sessions (one for the CRM, one for the PBX), metrics registry, crypto, adapter,
+config cache, listener, dispatcher, log writer, the PBX client, the click-to-call throttle
+and smart redirect. Each is set up with its teardown pushed onto one ``AsyncExitStack``.
+web/ reaches the Runtime through ``RUNTIME``; an adapter's callback routes get only
+``callback_deps`` (``integrations/base.py``).
 """
 
 from __future__ import annotations
@@ -25,17 +27,22 @@ from daemon.crypto import Crypto
 from daemon.dispatcher import Dispatcher
 from daemon.guards import Guards
 from daemon.integrations import load as load_adapter
-from daemon.integrations.base import Adapter, AdapterDeps
+from daemon.integrations.base import Adapter, AdapterDeps, CallbackDeps, IntegrationConfig
 from daemon.listener import Listener
 from daemon.logs import OutcomeWriter
 from daemon.metrics import Metrics
+from daemon.pbx import Pbx
+from daemon.pbx import new_session as pbx_session
+from daemon.redirect import SmartRedirect
 from daemon.retry import Policy
 from daemon.settings import Settings
 from daemon.supervisor import Supervisor
+from daemon.throttle import Throttle
 
 log = structlog.get_logger(__name__)
 
 HTTP_CONNECT_TIMEOUT_S = 5.0
+PBX_CONNECTIONS = 100  # one Asterisk service: click-to-call and transfers, not a backlog
 
 
 @dataclass(slots=True)
@@ -54,7 +61,25 @@ class Runtime:
     writer: OutcomeWriter
     dispatcher: Dispatcher
     listener: Listener | None
+    pbx: Pbx
+    make_call_throttle: Throttle
+    redirect: SmartRedirect
     started_at: float = field(default_factory=time.time)
+
+    def callback_deps(self) -> CallbackDeps:
+        """What the adapter's callback routes may use (their sub-application's
+        ``CALLBACK_DEPS``)."""
+        return CallbackDeps(
+            integration=self.adapter.name, pool=self.pool,
+            enterprise_by_secret=self.cache.matrix.by_secret,
+            serving_config=self._serving_config, statuses_changed=self.redirect.forget,
+            pbx=self.pbx,
+            make_call_throttle=self.make_call_throttle, metrics=self.metrics,
+        )
+
+    def _serving_config(self, enterprise: str) -> IntegrationConfig | None:
+        entry = self.cache.get(enterprise)
+        return entry.config if entry is not None and entry.serves else None
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -108,10 +133,20 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             doorbell_window_s=await store.doorbell_window_s(pool),
         )
         listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
+        pbx_http = pbx_session(settings.pbx_timeout_s, connections=PBX_CONNECTIONS,
+                               connect_timeout_s=HTTP_CONNECT_TIMEOUT_S)
+        stack.push_async_callback(pbx_http.close)
+        pbx = Pbx(pool, pbx_http, settings.pbx_url, timeout_s=settings.pbx_timeout_s,
+                  metrics=metrics)
+        redirect = SmartRedirect(cache, adapter, pool, pbx, metrics,
+                                 deadline_s=settings.smart_redirect_deadline_s,
+                                 lookup_timeout_s=settings.attempt_timeout_s)
+        stack.push_async_callback(redirect.close)
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
-            dispatcher=dispatcher, listener=listener,
+            dispatcher=dispatcher, listener=listener, pbx=pbx,
+            make_call_throttle=Throttle(settings.make_call_rate), redirect=redirect,
         )
         metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
