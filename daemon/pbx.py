@@ -232,9 +232,11 @@ class Pbx:
             elapsed = loop.time() - started
             self._metrics.pbx_requests.labels(action, outcome).inc()
             self._metrics.pbx_seconds.labels(action).observe(elapsed)
-            log.info("pbx_request", action=action, enterprise=line.enterprise, outcome=outcome,
-                     duration_ms=round(elapsed * 1000, 1), **{
-                         k: v for k, v in params.items() if k != "phone"})
+            # The caller logs the canonical line of its request; failures are worth one here.
+            (log.debug if outcome == "ok" else log.warning)(
+                "pbx_request", action=action, enterprise=line.enterprise, outcome=outcome,
+                duration_ms=round(elapsed * 1000, 1),
+                **{k: v for k, v in params.items() if k != "phone"})
 
     async def _send(self, path: str, line: Line, params: Mapping[str, str],
                     started: float) -> PbxAnswer:

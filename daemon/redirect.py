@@ -41,6 +41,7 @@ import asyncpg
 import structlog
 
 from daemon import phones, store
+from daemon.auditlog import AuditLog, AuditRow
 from daemon.cache import ConfigCache, Entry
 from daemon.errors import DeliveryError
 from daemon.integrations.base import Adapter, Responsible
@@ -116,12 +117,13 @@ class _Directory:
 class SmartRedirect:
     """See the module docstring. One per process, held by the Runtime."""
 
-    def __init__(self, cache: ConfigCache, adapter: Adapter, pool: asyncpg.Pool, pbx: Pbx,
-                 metrics: Metrics, *, deadline_s: float, lookup_timeout_s: float,
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(self, cache: ConfigCache, adapter: Adapter, pool: asyncpg.Pool,
+                 audit: AuditLog, pbx: Pbx, metrics: Metrics, *, deadline_s: float,
+                 lookup_timeout_s: float, clock: Clock = time.monotonic) -> None:
         self._cache = cache
         self._adapter = adapter
         self._pool = pool
+        self._audit = audit
         self._pbx = pbx
         self._metrics = metrics
         self.deadline_s = deadline_s
@@ -314,12 +316,13 @@ class SmartRedirect:
         except PbxError as exc:
             log.warning("smart_redirect_transfer_failed", enterprise=enterprise,
                         unique_id=unique_id, error=exc.error_id)
-            await store.insert_log(self._pool, enterprise, self._adapter.name, TRANSFER_EVENT,
-                                   request, None, False, exc.message)
+            self._audit.put(AuditRow(enterprise, self._adapter.name, TRANSFER_EVENT, request,
+                                     None, False, exc.message))
             return
-        await store.insert_log(self._pool, enterprise, self._adapter.name, TRANSFER_EVENT,
-                               request, {"status": answer.status, "body": answer.body},
-                               True, None)
+        log.info("smart_redirect_transferred", enterprise=enterprise, unique_id=unique_id,
+                 from_ext=from_ext, to_ext=to_ext)
+        self._audit.put(AuditRow(enterprise, self._adapter.name, TRANSFER_EVENT, request,
+                                 {"status": answer.status, "body": answer.body}, True, None))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

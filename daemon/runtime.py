@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from daemon import __version__, db, loopwatch, retention, store
+from daemon.auditlog import AuditLog
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
 from daemon.dispatcher import Dispatcher
@@ -63,6 +64,7 @@ class Runtime:
     listener: Listener | None
     pbx: Pbx
     make_call_throttle: Throttle
+    audit: AuditLog
     redirect: SmartRedirect
     started_at: float = field(default_factory=time.time)
 
@@ -74,7 +76,8 @@ class Runtime:
             enterprise_by_secret=self.cache.matrix.by_secret,
             serving_config=self._serving_config, statuses_changed=self.redirect.forget,
             pbx=self.pbx,
-            make_call_throttle=self.make_call_throttle, metrics=self.metrics,
+            make_call_throttle=self.make_call_throttle, audit=self.audit,
+            metrics=self.metrics,
         )
 
     def _serving_config(self, enterprise: str) -> IntegrationConfig | None:
@@ -138,7 +141,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         stack.push_async_callback(pbx_http.close)
         pbx = Pbx(pool, pbx_http, settings.pbx_url, timeout_s=settings.pbx_timeout_s,
                   metrics=metrics)
-        redirect = SmartRedirect(cache, adapter, pool, pbx, metrics,
+        audit = AuditLog(pool, metrics)
+        redirect = SmartRedirect(cache, adapter, pool, audit, pbx, metrics,
                                  deadline_s=settings.smart_redirect_deadline_s,
                                  lookup_timeout_s=settings.attempt_timeout_s)
         stack.push_async_callback(redirect.close)
@@ -146,7 +150,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
             dispatcher=dispatcher, listener=listener, pbx=pbx,
-            make_call_throttle=Throttle(settings.make_call_rate), redirect=redirect,
+            make_call_throttle=Throttle(settings.make_call_rate), audit=audit,
+            redirect=redirect,
         )
         metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
@@ -190,6 +195,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("config-refresher", rt.cache.run_refresher(stopping))
     spawn("dispatcher", rt.dispatcher.run(stopping))
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
+    spawn("audit-log", rt.audit.run(stopping))
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
     spawn("loop-watch", loopwatch.run(rt.metrics, stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,

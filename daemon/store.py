@@ -530,6 +530,19 @@ SELECT ARRAY(SELECT DISTINCT p.phone_number FROM user_internal_phones p
 """
 
 
+# Rows of the live paths' audit log (daemon/auditlog.py), many at once; JSON as text.
+INSERT_LOGS = """
+INSERT INTO integration_logs (enterprise_number, integration_type, event_type, request_data,
+                              response_data, status, error_message)
+SELECT l.enterprise_number, l.integration_type, l.event_type, l.request_data::jsonb,
+       l.response_data::jsonb, l.status, l.error_message
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+              $7::text[])
+    AS l(enterprise_number, integration_type, event_type, request_data, response_data, status,
+         error_message)
+"""
+
+
 async def pbx_line(db: Executor, enterprise: str) -> tuple[str | None, list[str]] | None:
     """``(enterprises.secret, internal numbers)`` of ``enterprise``; None: no such one."""
     row = await db.fetchrow(PBX_LINE, enterprise)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import aiohttp
     import asyncpg
 
+    from daemon.auditlog import AuditLog
     from daemon.calls import StoredEvent
     from daemon.crypto import Crypto
     from daemon.errors import DeliveryError
@@ -178,8 +179,9 @@ class Route:
 @dataclass(frozen=True, slots=True)
 class CallbackDeps:
     """What an adapter's callback routes get from the core, on their sub-application under
-    ``CALLBACK_DEPS``: lookups, the pool, the PBX client, the click-to-call throttle and the
-    metrics. Routes receive these; they never import the Runtime or web/.
+    ``CALLBACK_DEPS``: lookups, the pool, the PBX client, the click-to-call throttle, the
+    audit log (``integration_logs`` rows written off the request path) and the metrics.
+    Routes receive these; they never import the Runtime or web/.
 
     ``enterprise_by_secret`` maps a callback secret (RetailCRM's clientId) to its enterprise
     through its keyed fingerprint; ``serving_config`` is an enterprise's parsed config when
@@ -196,6 +198,7 @@ class CallbackDeps:
     statuses_changed: Callable[[str], None]
     pbx: Pbx
     make_call_throttle: Throttle
+    audit: AuditLog
     metrics: Metrics
 
 

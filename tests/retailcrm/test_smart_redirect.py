@@ -207,6 +207,7 @@ async def test_redirect_asks_the_pbx_to_transfer_in_the_background(
     assert transfer.query == {"transfer_type": "blind", "from_ext": "101", "to_ext": "102"}
     assert transfer.enterprise == ENTERPRISE
     await wait_until(lambda: not daemon.rt.redirect.stats()["transfers_in_flight"])
+    await daemon.rt.audit.flushed()
     row = await pool.fetchrow("SELECT request_data, status FROM integration_logs "
                               "WHERE event_type = 'smart_redirect'")
     assert row["status"] == "success"

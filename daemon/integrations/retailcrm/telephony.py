@@ -32,6 +32,7 @@ from typing import Any, Final
 import structlog
 
 from daemon import store
+from daemon.auditlog import AuditRow
 from daemon.integrations.base import CallbackDeps
 from daemon.integrations.retailcrm.client import USER_STATUSES
 from daemon.integrations.retailcrm.config import KEY, RetailCrmConfig
@@ -80,12 +81,12 @@ async def make_call(deps: CallbackDeps, enterprise: str, config: RetailCrmConfig
                                           region=config.region)
     except PbxError as exc:
         result = _failure(exc)
-        await _log(deps, enterprise, request, None, result.body["errorMsg"])
+        _log(deps, enterprise, request, None, result.body["errorMsg"])
         log.info("make_call_refused" if isinstance(exc, PbxRefused) else "make_call_failed",
                  enterprise=enterprise, error=exc.error_id, extension=extension,
                  field=getattr(exc, "field", None))
         return result
-    await _log(deps, enterprise, request, answer, None)
+    _log(deps, enterprise, request, answer, None)
     log.info("make_call_placed", enterprise=enterprise, extension=extension,
              duration_ms=round(answer.duration_s * 1000, 1))
     return OK
@@ -123,13 +124,13 @@ def _failure(exc: PbxError) -> Answer:
     return refusal(exc.status, exc.message, outcome=outcome)
 
 
-async def _log(deps: CallbackDeps, enterprise: str, request: dict[str, Any],
-               answer: PbxAnswer | None, error: str | None) -> None:
+def _log(deps: CallbackDeps, enterprise: str, request: dict[str, Any],
+         answer: PbxAnswer | None, error: str | None) -> None:
     response = None if answer is None else {
         "status": answer.status, "body": answer.body,
         "duration_ms": round(answer.duration_s * 1000, 1)}
-    await store.insert_log(deps.pool, enterprise, deps.integration, MAKE_CALL_EVENT, request,
-                           response, error is None, error)
+    deps.audit.put(AuditRow(enterprise, deps.integration, MAKE_CALL_EVENT, request, response,
+                            error is None, error))
 
 
 async def set_status(deps: CallbackDeps, enterprise: str,
