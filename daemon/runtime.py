@@ -1,9 +1,10 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
-``build`` is the composition root's one place of construction (STYLE.md rules 1 and 2):
-pool, HTTP sessions (one for the CRM, one for the PBX), metrics registry, crypto, adapter,
-config cache, listener, dispatcher, log writer, the PBX client, the click-to-call throttle
-and smart redirect. Each is set up with its teardown pushed onto one ``AsyncExitStack``.
+``build`` is the composition root's one place of construction (no singletons; set-up and
+teardown in pairs): pool, HTTP sessions (one for the CRM, one for the PBX), metrics
+registry, crypto, adapter, config cache, listener, dispatcher, log writers, the PBX client,
+the click-to-call throttle and smart redirect. Each is set up with its teardown pushed onto
+one ``AsyncExitStack``.
 web/ reaches the Runtime through ``RUNTIME``; an adapter's callback routes get only
 ``callback_deps`` (``integrations/base.py``).
 """

@@ -1,10 +1,10 @@
 """The adapter protocol: everything the CRM-neutral core needs from a CRM integration.
 
-One folder per CRM under ``daemon/integrations/`` (STYLE.md rule 6); its ``__init__.py``
+One folder per CRM under ``daemon/integrations/`` (docs/architecture.md); its ``__init__.py``
 exposes ``create_adapter(runtime_deps) -> Adapter``. The core (dispatcher, cache, web) talks
 to a CRM only through these types and never imports an adapter module directly.
 
-The split inside an adapter (rule 7): pure mapping (no I/O), a dumb HTTP client (typed
+The split inside an adapter: pure mapping (no I/O), a dumb HTTP client (typed
 errors), and thin glue implementing this protocol.
 """
 

@@ -1,6 +1,6 @@
 """The RetailCRM (Simla.com) adapter: the glue between the core and RetailCRM.
 
-The pieces (STYLE.md rule 7): ``config`` (the stored settings), ``events`` (pure mapping),
+The pieces (docs/architecture.md): ``config`` (the stored settings), ``events`` (pure mapping),
 ``client`` (the dumb HTTP client), ``module`` (the telephony module we register),
 ``extensions`` (managers ↔ internal numbers), ``http`` (RetailCRM's callbacks to us) and
 ``simulator`` (a strict stand-in for tests and demos). This file implements the core's
@@ -75,7 +75,7 @@ class RetailCrmAdapter:
 
     name = NAME
     event_types = frozenset({"dial", "hangup", "download"})
-    # RetailCRM's documented client-side limits per API key (RETAILCRM.md).
+    # RetailCRM's documented client-side limits per API key (docs/retailcrm.md).
     rate_limits: Mapping[str, float] = {"default": 10.0, "telephony": 40.0}
     max_batch = MAX_UPLOAD_BATCH
 

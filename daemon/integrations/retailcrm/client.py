@@ -1,6 +1,6 @@
 """The RetailCRM API v5 HTTP client: one method per endpoint the bridge calls, typed errors.
 
-Owns the wire format of RETAILCRM.md (the ``X-API-KEY`` header, form-encoded POST bodies
+Owns the wire format of docs/retailcrm.md (the ``X-API-KEY`` header, form-encoded POST bodies
 whose nested objects travel as JSON strings, PHP-style GET keys) and the mapping of every
 failure to :class:`~daemon.errors.Retryable`, :class:`~daemon.errors.Permanent` or
 :class:`~daemon.errors.AuthFailed`. It is deliberately dumb: no database, no retries (the
@@ -78,7 +78,7 @@ def parse_retry_after(value: str | None) -> float | None:
 class RetailCrmClient:
     """Typed calls to one RetailCRM account; every failure raises an ``errors`` class.
 
-    The session is injected and shared (one per upstream, STYLE.md rule 3); every request
+    The session is injected and shared (one per upstream); every request
     carries its own ``ClientTimeout(total=timeout_s)``. ``gate`` is awaited with the API path
     before each request (the caller's rate limiter), ``on_exchange`` is called once per round
     trip, failed ones included. Redirects are not followed: a custom header such as
@@ -325,7 +325,7 @@ class RetailCrmClient:
         self, method: str, path: str, status: int, body: dict[str, Any],
         retry_after: float | None,
     ) -> dict[str, Any]:
-        """Return a successful JSON body, or raise what a failed one means (RETAILCRM.md)."""
+        """Return a successful JSON body, or raise what a failed one means (docs/retailcrm.md)."""
         what = f"RetailCRM {method} {path}"
         error_msg = body.get("errorMsg")
         msg = error_msg.strip() if isinstance(error_msg, str) else ""

@@ -2,7 +2,7 @@
 
 Owns everything one simulated account holds — API keys, users, the phone → manager map, the
 registered integration modules, the call events and uploaded calls received, the statuses
-set — and answers the API v5 endpoints crm-bridge uses as strictly as RETAILCRM.md describes:
+set — and answers the API v5 endpoints crm-bridge uses as strictly as docs/retailcrm.md describes:
 the key check (``X-API-KEY`` header or ``apiKey`` query), form-encoded POST bodies whose
 nested fields are JSON strings, RetailCRM's error bodies, and the rate limit (per key, 10
 requests in any 1-second window, 40 for paths under ``/api/v5/telephony``, excess → 503).
