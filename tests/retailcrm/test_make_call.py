@@ -286,3 +286,22 @@ async def test_a_bad_status_callback_names_its_field_and_changes_nothing(
                                     "status": "free"}) as response:
         assert response.status == 403
     assert await pool.fetchval("SELECT count(*) FROM crm_user_status") == 0
+
+
+async def test_a_secret_pasted_into_a_field_reaches_neither_the_row_nor_the_answer(
+    unthrottled: InProcess, pbx: PbxSimulator, http: aiohttp.ClientSession, pool: asyncpg.Pool
+) -> None:
+    daemon = unthrottled
+    texts = []
+    for secret in (CLIENT_ID, f"secret-{ENTERPRISE}"):
+        for field in ("phone", "code", "externalPhone"):
+            fields = {"clientId": CLIENT_ID, "code": "101", "phone": "+375291234567",
+                      field: f"{secret}"}
+            status, body, _ = await click(http, daemon, post=True, **fields)
+            texts.append(repr(body))
+            assert status in (200, 400)
+    rows = await log_rows(pool, daemon)
+    texts += [repr(dict(r)) for r in rows]
+    assert len(rows) == 6
+    for secret in (CLIENT_ID, f"secret-{ENTERPRISE}"):
+        assert not any(secret[:12] in text for text in texts), secret

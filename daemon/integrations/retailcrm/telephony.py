@@ -36,11 +36,13 @@ from daemon.auditlog import AuditRow
 from daemon.integrations.base import CallbackDeps
 from daemon.integrations.retailcrm.client import USER_STATUSES
 from daemon.integrations.retailcrm.config import KEY, RetailCrmConfig
+from daemon.logs import mask
 from daemon.pbx import Line, PbxAnswer, PbxError, PbxFailed, PbxRefused, shown
 
 log = structlog.get_logger(__name__)
 
 MAKE_CALL_EVENT: Final = "make_call"
+LOGGED: Final[tuple[str, ...]] = ("code", "phone", "userId", "externalPhone")
 _USER_ID: Final = re.compile(r"[0-9]{1,12}")
 _CODE: Final = re.compile(r"[0-9]{1,20}")
 
@@ -70,14 +72,18 @@ def refusal(status: int, message: str, field_name: str | None = None, *,
 async def make_call(deps: CallbackDeps, enterprise: str, config: RetailCrmConfig,
                     params: Mapping[str, str]) -> Answer:
     """Place the call RetailCRM asked for (see the module docstring); logs one row."""
-    request = {k: shown(params[k]) for k in ("code", "phone", "userId", "externalPhone")
-               if k in params}
+    # A secret pasted into a field must not reach the row or an answer, even cut short.
+    fields = _masked(params, config.secrets())
+    request: dict[str, Any] = {k: shown(fields[k]) for k in LOGGED if k in fields}
     extension: str | None = None
     try:
         line = await deps.pbx.line(enterprise)
-        extension = _extension(line, config, params)
+        if any(line.secret in v for v in fields.values()):
+            fields = _masked(fields, (line.secret,))
+            request = {k: shown(fields[k]) for k in LOGGED if k in fields}
+        extension = _extension(line, config, fields)
         request["extension"] = extension
-        answer = await deps.pbx.originate(line, extension, params.get("phone", ""),
+        answer = await deps.pbx.originate(line, extension, fields.get("phone", ""),
                                           region=config.region)
     except PbxError as exc:
         result = _failure(exc)
@@ -90,6 +96,10 @@ async def make_call(deps: CallbackDeps, enterprise: str, config: RetailCrmConfig
     log.info("make_call_placed", enterprise=enterprise, extension=extension,
              duration_ms=round(answer.duration_s * 1000, 1))
     return OK
+
+
+def _masked(params: Mapping[str, str], hidden: tuple[str, ...]) -> dict[str, str]:
+    return {k: mask(v, hidden) for k, v in params.items() if k != "clientId"}
 
 
 def _extension(line: Line, config: RetailCrmConfig, params: Mapping[str, str]) -> str:
