@@ -37,7 +37,7 @@ from daemon.integrations.base import CallbackDeps
 from daemon.integrations.retailcrm.client import USER_STATUSES
 from daemon.integrations.retailcrm.config import KEY, RetailCrmConfig
 from daemon.logs import mask
-from daemon.pbx import Line, PbxAnswer, PbxError, PbxFailed, PbxRefused, shown
+from daemon.pbx import Line, PbxAnswer, PbxError, PbxRefused, PbxTimeout, shown
 
 log = structlog.get_logger(__name__)
 
@@ -129,8 +129,7 @@ def _failure(exc: PbxError) -> Answer:
             return refusal(502, f"the call cannot be placed: {exc.reason}",
                            outcome="pbx_not_configured")
         return refusal(400, exc.reason, exc.field)
-    outcome = "pbx_timeout" if exc.status == 504 else "pbx_failed"
-    assert isinstance(exc, PbxFailed)
+    outcome = "pbx_timeout" if isinstance(exc, PbxTimeout) else "pbx_failed"
     return refusal(exc.status, exc.message, outcome=outcome)
 
 
