@@ -1,6 +1,6 @@
 """The platform's call events, CRM-neutral: parse one stored body, fold a call's events.
 
-Owns the knowledge of what the Asterisk listener really sends (docs: EVENTS.md) and turns it
+Owns the knowledge of what the Asterisk listener really sends (docs/events.md) and turns it
 into typed values every CRM adapter can map without looking at a raw body again:
 
 - :func:`parse_event` — one ``crm_events`` row (:class:`StoredEvent`) → :class:`CallEvent`,
@@ -9,9 +9,15 @@ into typed values every CRM adapter can map without looking at a raw body again:
   ``_``-prefixed keys, missing optional fields), and raising :class:`MalformedEvent` naming
   the field when a field the mapping needs has a wrong type.
 - :func:`fold_call` — every stored event of one call, in any order, with repeats → one
-  :class:`CallState`: the ringing extensions, the bridges, the hangup, the call's direction
-  and parties. A restart loses nothing: the state is rebuilt from the stored rows each time.
-- :func:`answerer` — who answered, from the bridges first, then from the hangup itself.
+  :class:`CallState`: the ringing extensions, the bridges, the hangup, the declared
+  directions and parties, when the call started. A restart loses nothing: the state is
+  rebuilt from the stored rows each time.
+- The rules that settle a call whose events disagree (docs/events.md, "When the events of a
+  call disagree"), each from the whole call: :func:`direction` (a start's or dial's
+  ``CallType`` before a hangup's; never internal with an outside ``Phone``),
+  :func:`answered` (``CallStatus`` or a bridge of the customer with an internal number) and
+  :func:`answerer` (who answered: the bridges first, then the hangup itself). Which numbers
+  are internal is the enterprise's: the caller passes a predicate.
 
 Pure: no I/O, no clock, no logging.
 """
@@ -27,7 +33,7 @@ from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
-from daemon import errors
+from daemon import errors, phones
 
 EVENT_TYPES = frozenset({"start", "dial", "bridge", "hangup", "download"})
 ENDING_TYPES = frozenset({"hangup", "download"})
@@ -44,6 +50,11 @@ _FALSE = frozenset({"false", "0", "no", "off", ""})
 _RECORD_URL_KEYS = ("record_url", "RecordUrl", "RecordURL", "recordUrl")
 _DIAL_STATUS_KEYS = ("DialStatus", "DIALSTATUS", "Disposition")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ANSWERED_STATUSES = frozenset({"2", "5"})  # CallStatus: answered, talk
+_ANONYMOUS = frozenset({"anonymous", "unknown", "restricted"})
+# A number's last nine digits: BY/RU/UA subscriber numbers with the country code, with the
+# trunk prefix 8/80 or with neither all end in the same nine.
+_SUBSCRIBER_DIGITS = 9
 
 
 class CallType(IntEnum):
@@ -317,10 +328,14 @@ def _bridge_fields(body: Mapping[str, Any]) -> dict[str, str]:
 class CallState:
     """Everything a mapping needs from all of a call's events seen so far.
 
-    ``events`` are the distinct events in id (insertion) order. ``call_type``, ``phone``
-    and ``trunk`` come from the first event that has them, looking at the hangup first,
-    then the dials, then the start. ``ringing`` is every extension of every dial, first
-    seen first, without repeats (internal or not: the mapping filters), except the dials of
+    ``events`` are the distinct events in id (insertion) order. ``call_types`` are the
+    ``CallType`` values the call's events declare, strongest first, without repeats: its
+    starts, then its dials (earliest stored first), then its hangup (the live one before a
+    recovered one), then the dials of click-to-call intermediate legs (they are not the
+    call). :func:`direction` decides from them. ``phone`` and ``trunk`` come from the first
+    event that has them, looking at the hangup first, then the dials, then the start, then
+    the click-to-call legs' dials. ``ringing`` is every extension of every dial, first seen
+    first, without repeats (internal or not: the mapping filters), except the dials of
     click-to-call intermediate legs: they ring the clicking manager, not the call's targets.
     ``hangup`` is the live hangup when there is one, else the recovered one (``download``),
     else ``None``; ``record_url`` is the hangup's, else the latest one any event carried.
@@ -328,7 +343,7 @@ class CallState:
 
     unique_id: str
     events: tuple[CallEvent, ...]
-    call_type: CallType | None
+    call_types: tuple[CallType, ...]
     phone: str
     trunk: str
     external_initiated: bool
@@ -340,16 +355,24 @@ class CallState:
     record_url: str | None
 
     @property
-    def answered_in_bridge(self) -> bool:
-        """Whether any bridge was entered: the call was answered by someone."""
-        return bool(self.bridges)
+    def call_type(self) -> CallType | None:
+        """The strongest declared ``CallType`` (first start or dial, else the hangup's)."""
+        return self.call_types[0] if self.call_types else None
 
     @property
     def started_at(self) -> datetime | None:
-        """The hangup's ``StartTime``, falling back to its ``DateReceived`` (host-local)."""
-        if self.hangup is None:
-            return None
-        return self.hangup.start_time or self.hangup.date_received
+        """When the call started, host-local: the hangup's ``StartTime``, else the earliest
+        ``StartTime``/``DateReceived`` of any of the call's events, else ``None``."""
+        if self.hangup is not None and self.hangup.start_time is not None:
+            return self.hangup.start_time
+        times = (t for e in self.events for t in (e.start_time, e.date_received)
+                 if t is not None)
+        return min(times, default=None)
+
+    @property
+    def first_stored_at(self) -> datetime:
+        """When crm-bridge stored the call's first event (aware, its own clock)."""
+        return min(e.received_at for e in self.events)
 
 
 def fold_call(events: Sequence[CallEvent]) -> CallState:
@@ -365,22 +388,24 @@ def fold_call(events: Sequence[CallEvent]) -> CallState:
     if len({e.unique_id for e in ordered}) > 1:
         raise ValueError("fold_call got events of more than one call")
     dials = tuple(e for e in ordered if e.event_type == "dial")
-    start = next((e for e in ordered if e.event_type == "start"), None)
+    own_dials = [d for d in dials if not d.is_click_to_call_leg]
+    legs = [d for d in dials if d.is_click_to_call_leg]
+    starts = [e for e in ordered if e.event_type == "start"]
     hangup = _ending(ordered)
-    sources = [e for e in (hangup, *dials, start) if e is not None]
+    endings = sorted((e for e in ordered if e.is_ending), key=lambda e: e is not hangup)
+    declaring = [*starts, *own_dials, *endings, *legs]
+    sources = [e for e in (hangup, *own_dials, *starts[:1], *legs) if e is not None]
     return CallState(
         unique_id=ordered[0].unique_id,
         events=ordered,
-        call_type=next((e.call_type for e in sources if e.call_type is not None), None),
+        call_types=tuple(dict.fromkeys(e.call_type for e in declaring if e.call_type is not None)),
         phone=next((e.phone for e in sources if e.phone), ""),
         trunk=next((e.trunk for e in sources if e.trunk), ""),
         external_initiated=any(e.external_initiated for e in ordered),
-        ringing=tuple(
-            dict.fromkeys(x for d in dials if not d.is_click_to_call_leg for x in d.extensions)
-        ),
+        ringing=tuple(dict.fromkeys(x for d in own_dials for x in d.extensions)),
         dials=dials,
         bridges=tuple(e for e in ordered if e.event_type == "bridge"),
-        start=start,
+        start=starts[0] if starts else None,
         hangup=hangup,
         record_url=_record_url_of(ordered, hangup),
     )
@@ -428,19 +453,111 @@ def channel_extension(channel: str) -> str:
     return match.group("peer") if match else ""
 
 
+def direction(state: CallState, is_internal: Callable[[str], bool]) -> CallType | None:
+    """The call's direction, decided from all its events; ``None`` when nothing decides it.
+
+    ``is_internal`` tells the enterprise's internal numbers. The rules (docs/events.md,
+    "When the events of a call disagree"):
+
+    1. The strongest declared ``CallType`` wins (:attr:`CallState.call_types`): a start's
+       or a dial's, a hangup's only when no start or dial carries one.
+    2. ``INTERNAL`` counts only when the call can be internal: its ``Phone`` is an internal
+       number, or it has none and every party of the call is one (an internal number is
+       one ``is_internal`` accepts, or one shaped like an extension, 2–5 digits, that the
+       enterprise has not listed). A declared ``INTERNAL`` on a call with an outside
+       ``Phone`` is ignored and the next declared type decides. Click-to-call legs
+       (``ExternalInitiated``) are exempt: they stay internal legs.
+    3. With no declared type left, the events decide: internal as in 2 (with at least one
+       party); incoming when the call has a ``start`` (outgoing calls have none) or a dial
+       with ``ExtPhone`` (only incoming dials carry it); outgoing when click-to-call
+       started it. Otherwise ``None``.
+    """
+    verdict = _internal_parties(state, is_internal)
+    may_be_internal = state.external_initiated or verdict is not False
+    for declared in state.call_types:
+        if declared is not CallType.INTERNAL or may_be_internal:
+            return declared
+    if verdict:
+        return CallType.INTERNAL
+    if state.start is not None or any(d.ext_phone for d in state.dials):
+        return CallType.INCOMING
+    if state.external_initiated:
+        return CallType.OUTGOING
+    return None
+
+
+def _internal_parties(state: CallState, is_internal: Callable[[str], bool]) -> bool | None:
+    """Whether the call is between internal numbers; ``None`` when it names no party.
+
+    An extension-shaped number (2–5 digits) the enterprise has not listed counts as
+    internal here: only a number that cannot be an extension contradicts ``CallType`` 2.
+    """
+    def internal(number: str) -> bool:
+        return is_internal(number) or phones.is_extension(number)
+
+    if state.phone:
+        return internal(state.phone)
+    parties = _parties(state)
+    return all(internal(x) for x in parties) if parties else None
+
+
+def _parties(state: CallState) -> set[str]:
+    """Every number the call's events name: dialled, on the hangup, in a bridge."""
+    found = {x for d in state.dials for x in d.extensions}
+    if state.hangup is not None:
+        found.update(state.hangup.extensions, [state.hangup.internal_code])
+    found.update(x for b in state.bridges for x in _sides(b))
+    return {x for x in found if _is_party(x)}
+
+
+def answered(state: CallState, is_internal: Callable[[str], bool]) -> bool:
+    """Whether the call was answered, whatever its hangup's ``CallStatus`` claims.
+
+    Answered: the hangup says ``CallStatus`` ``"2"`` (or ``"5"``, talk); or a bridge
+    joined the call's outside party with an internal number (:func:`bridged_answerer`);
+    or the hangup carries no ``CallStatus`` at all and the call has any bridge.
+    """
+    status = state.hangup.call_status if state.hangup is not None else ""
+    if status in ANSWERED_STATUSES or bridged_answerer(state, is_internal) is not None:
+        return True
+    return not status and bool(state.bridges)
+
+
+def bridged_answerer(state: CallState, is_internal: Callable[[str], bool]) -> str | None:
+    """The internal number the call's outside party was last bridged with, or ``None``.
+
+    A bridge joins the outside party when one of its sides (the peer of ``Channel``,
+    ``CallerIDNum``, ``ConnectedLineNum``) is not internal and is the call's ``Trunk`` or
+    its ``Phone`` (by digits; with nine digits or more, by the last nine, so
+    ``+375291112233``, ``375291112233`` and ``80291112233`` are one number), and another
+    side is internal. The last such bridge (in id order) wins: after a transfer it names
+    the extension that took the call over.
+    """
+    customer = phones.digits(state.phone)
+    found: str | None = None
+    for bridge in state.bridges:
+        sides = [x for x in _sides(bridge) if _is_party(x)]
+        internal = [x for x in sides if is_internal(x)]
+        outside = (x for x in sides if x not in internal)
+        if internal and any(x == state.trunk or _same_number(x, customer) for x in outside):
+            found = next((x for x in internal if x != state.phone), internal[0])
+    return found
+
+
 def answerer(state: CallState, is_internal: Callable[[str], bool]) -> str | None:
     """The internal extension that answered the call, or ``None`` when nothing says so.
 
-    From the bridges first, the LAST bridged internal extension winning (a transfer moves
-    the call); in each bridge the internal side is the first internal one of: the
+    :func:`bridged_answerer` first. Else from any bridge, the LAST bridged internal
+    extension winning; in each bridge the internal side is the first internal one of: the
     extension in ``Channel``, ``CallerIDNum``, ``ConnectedLineNum`` — preferring one other
     than the call's own ``Phone`` (on an internal call that is the caller, not the
     answerer). Without a bridge: the hangup's ``InternalCode`` (set by the platform,
     trusted as it is), else the hangup's first internal ``Extensions`` entry.
     """
-    found: str | None = None
-    for bridge in state.bridges:
-        found = _internal_side(bridge, state.phone, is_internal) or found
+    found = bridged_answerer(state, is_internal)
+    if found is None:
+        for bridge in state.bridges:
+            found = _internal_side(bridge, state.phone, is_internal) or found
     if found is not None or state.hangup is None:
         return found
     if state.hangup.internal_code:
@@ -448,9 +565,25 @@ def answerer(state: CallState, is_internal: Callable[[str], bool]) -> str | None
     return next((x for x in state.hangup.extensions if is_internal(x)), None)
 
 
+def _sides(bridge: CallEvent) -> tuple[str, str, str]:
+    return channel_extension(bridge.channel), bridge.caller_id_num, bridge.connected_line_num
+
+
+def _is_party(number: str) -> bool:
+    """A real number, not a placeholder (``""``, ``<unknown>``, ``anonymous``)."""
+    return bool(number) and not number.startswith("<") and number.lower() not in _ANONYMOUS
+
+
+def _same_number(number: str, digits: str) -> bool:
+    """``number`` is ``digits`` written another way: the same digits, or the same last nine."""
+    own = phones.digits(number)
+    if len(own) >= _SUBSCRIBER_DIGITS and len(digits) >= _SUBSCRIBER_DIGITS:
+        return own[-_SUBSCRIBER_DIGITS:] == digits[-_SUBSCRIBER_DIGITS:]
+    return bool(own) and own == digits
+
+
 def _internal_side(
     bridge: CallEvent, caller: str, is_internal: Callable[[str], bool]
 ) -> str | None:
-    sides = (channel_extension(bridge.channel), bridge.caller_id_num, bridge.connected_line_num)
-    internal = [x for x in sides if x and is_internal(x)]
+    internal = [x for x in _sides(bridge) if x and is_internal(x)]
     return next((x for x in internal if x != caller), internal[0] if internal else None)

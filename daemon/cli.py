@@ -1,4 +1,4 @@
-"""The command line and composition root: ``crm-bridge run | migrate | check | genkey | ...``.
+"""The command line and composition root: ``crm-bridge run | migrate | check | admin-link | ...``.
 
 Each subcommand reads the settings it needs, configures logging, and runs one coroutine.
 Exit codes: 0 success, 1 failure (a crashed task, a failed check), 2 bad usage or settings.
@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, logconfig, retention, runtime, store
+from daemon import __version__, db, links, logconfig, retention, runtime, store
 from daemon.integrations import (
     UnknownIntegration,
     available,
@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--status", choices=["failed", "skipped"], action="append",
                         help="which settled deliveries (default: failed)")
     replay.add_argument("--call", help="only this call (its UniqueId)")
+    link = sub.add_parser("admin-link", help="print a link that opens one enterprise's admin "
+                          "pages (for operators and demos)")
+    link.add_argument("enterprise", help="the enterprise number")
+    link.add_argument("--ttl", type=_duration, default=links.DEFAULT_TTL_S,
+                      help="how long the link opens the pages: seconds, or with s/m/h/d "
+                      "(default 7d, at most 366d)")
+    link.add_argument("--integration")
     purge = sub.add_parser("purge", help="delete delivered events older than the retention")
     purge.add_argument("--older-than-days", type=float,
                        help="override CRM_BRIDGE_RETENTION_DAYS for this run")
@@ -86,6 +93,22 @@ def _timestamp(raw: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _duration(raw: str) -> float:
+    text = raw.strip().lower()
+    unit = _UNITS.get(text[-1:], 0)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 12h, 7d..., got {raw!r}") from None
+    if not 0 < value <= links.MAX_TTL_S:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 366d")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crm-bridge`` console script and ``python -m daemon``."""
     args = _parser().parse_args(argv)
@@ -108,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load(integration=getattr(args, "integration", None))
-    logconfig.configure(settings.log_format, settings.log_level)
+    # The daemon logs to standard output; a one-shot command keeps it for its result.
+    stream = sys.stdout if args.command == "run" else sys.stderr
+    logconfig.configure(settings.log_format, settings.log_level, stream=stream)
     if settings.generated:
         log.warning(
             "dev_mode_throwaway_secrets", variables=list(settings.generated),
@@ -196,6 +221,27 @@ async def _purge(settings: Settings, days: float) -> int:
     return EXIT_OK
 
 
+def _cmd_admin_link(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    return asyncio.run(_admin_link(settings, args.enterprise, args.ttl))
+
+
+async def _admin_link(settings: Settings, enterprise: str, ttl_s: float) -> int:
+    source = integration_type(settings.integration)
+    conn = await db.connect(settings.database_url, command_timeout_s=10.0,
+                            application_name="crm-bridge:admin-link")
+    try:
+        token = await links.issue(conn, settings.secret_key, enterprise, source, ttl_s=ttl_s)
+    finally:
+        await conn.close()
+    if token is None:
+        print(f"crm-bridge: there is no enterprise {enterprise}", file=sys.stderr)
+        return EXIT_FAILED
+    log.info("admin_link_issued", enterprise=enterprise, integration=source, ttl_s=ttl_s)
+    print(f"{settings.public_url}/{source}-admin/?token={token}")
+    return EXIT_OK
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     return asyncio.run(serve(settings))
@@ -263,4 +309,5 @@ _COMMANDS: dict[str, Callable[[Any], int]] = {
     "genkey": _cmd_genkey,
     "replay": _cmd_replay,
     "purge": _cmd_purge,
+    "admin-link": _cmd_admin_link,
 }

@@ -137,3 +137,21 @@ def _claims(raw: dict[str, Any]) -> LinkClaims:
         raise InvalidLink("malformed", "the link is not a valid admin link")
     version, issued, expires = (int(n) for n in numbers)
     return LinkClaims(enterprise, source, version, issued, expires)
+
+
+async def issue(
+    db: Executor, secret_key: str, enterprise: str, source: str, *, ttl_s: float = DEFAULT_TTL_S
+) -> str | None:
+    """A link token for ``enterprise`` at the version stored now; None when there is no such
+    enterprise. An integration never configured there gets its key with ``token_version``
+    0 first (nothing else), so the link opens its pages to set it up."""
+    if not 0 < ttl_s <= MAX_TTL_S:
+        raise ValueError(f"ttl_s must be in (0, {MAX_TTL_S:g}]")
+    stored = await store.merge_integration_config_missing(db, enterprise, source,
+                                                          {VERSION_KEY: 0})
+    if stored is None:
+        return None
+    version = stored.get(VERSION_KEY)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"{source}.{VERSION_KEY} is stored malformed for {enterprise}")
+    return create(secret_key, enterprise, source, version, ttl_s=ttl_s)

@@ -1,4 +1,5 @@
-"""Logging: structlog to stdout, JSON in production and the console renderer on a terminal.
+"""Logging: structlog to stdout (one-shot commands: stderr), JSON in production and the
+console renderer on a terminal.
 
 The standard library's loggers (aiohttp's access and server logs, asyncpg) go through the
 same processor chain, so every line has one shape. ``redact`` runs last before rendering: it
@@ -13,7 +14,7 @@ import logging
 import re
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -82,8 +83,8 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
     return event_dict
 
 
-def _renderer(log_format: str) -> Processor:
-    console = log_format == "console" or (log_format == "auto" and sys.stdout.isatty())
+def _renderer(log_format: str, stream: TextIO) -> Processor:
+    console = log_format == "console" or (log_format == "auto" and stream.isatty())
     if console:
         return structlog.dev.ConsoleRenderer()
     return structlog.processors.JSONRenderer()
@@ -102,13 +103,17 @@ def shared_processors() -> list[Processor]:
     ]
 
 
-def configure(log_format: str = "auto", level: str = "info") -> None:
-    """Configure structlog and route the standard library's logging through it.
+def configure(log_format: str = "auto", level: str = "info", *,
+              stream: TextIO | None = None) -> None:
+    """Configure structlog and route the standard library's logging through it, to
+    ``stream`` (standard output by default: the daemon; one-shot commands pass standard
+    error, so their results alone are on standard output).
 
     Idempotent: calling it again replaces the handler (tests and the CLI both call it).
     """
     numeric = logging.getLevelName(level.upper())
-    renderer = _renderer(log_format)
+    stream = sys.stdout if stream is None else stream
+    renderer = _renderer(log_format, stream)
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -123,7 +128,7 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         foreign_pre_chain=shared_processors(),
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -104,6 +104,7 @@ class OutcomeWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_settled: list[Callable[[], None]] = []
+        self._on_written: list[Callable[[list[int]], None]] = []
         self.fenced = 0
 
     def on_settled(self, callback: Callable[[], None]) -> None:
@@ -111,6 +112,11 @@ class OutcomeWriter:
         failed) with a later delivery of the same call waiting: that one is due now, and
         the dispatcher should not wait for the poll to find out."""
         self._on_settled.append(callback)
+
+    def on_written(self, callback: Callable[[list[int]], None]) -> None:
+        """Call ``callback`` with the event ids of every batch of deliveries settled (the
+        admin pages' live journal shows their new state)."""
+        self._on_written.append(callback)
 
     def put(self, settlement: Settlement) -> None:
         """Queue one settlement for the next batch (never blocks)."""
@@ -186,6 +192,10 @@ class OutcomeWriter:
         if any(row["unblocks"] for row in settled):
             for callback in self._on_settled:
                 callback()
+        if self._on_written and settled:
+            ids = [row["event_id"] for row in settled]
+            for written in self._on_written:
+                written(ids)
         fenced = len(batch) - len(settled)
         if fenced:
             self.fenced += fenced

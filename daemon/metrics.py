@@ -151,6 +151,15 @@ class Metrics:
             "crm_bridge_http_request_seconds", "HTTP request handling time, by route.",
             ["route"], buckets=_FAST_BUCKETS, registry=r,
         )
+        self.admin_sessions = Counter(
+            "crm_bridge_admin_sessions_total",
+            "Admin sign-ins by admin link or platform session, by result.", ["result"],
+            registry=r,
+        )
+        self.journal_watchers = Gauge(
+            "crm_bridge_journal_watchers", "Admin pages watching the live journal.",
+            registry=r,
+        )
         self.events_ingested = Counter(
             "crm_bridge_events_ingested_total", "Events received over HTTP, by result.",
             ["result"], registry=r,

@@ -2,11 +2,11 @@
 
 ``build`` is the composition root's one place of construction (no singletons; set-up and
 teardown in pairs): pool, HTTP sessions (one for the CRM, one for the PBX), metrics
-registry, crypto, adapter, config cache, listener, dispatcher, log writers, the PBX client,
-the click-to-call throttle and smart redirect. Each is set up with its teardown pushed onto
-one ``AsyncExitStack``.
-web/ reaches the Runtime through ``RUNTIME``; an adapter's callback routes get only
-``callback_deps`` (``integrations/base.py``).
+registry, crypto, adapter, config cache, listener, dispatcher, log writers, the journal's
+live feed, the PBX client, the click-to-call throttle and smart redirect. Each is set up
+with its teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime through
+``RUNTIME``; an adapter's callback routes get only ``callback_deps``
+(``integrations/base.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from daemon.auditlog import AuditLog
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
 from daemon.dispatcher import Dispatcher
+from daemon.feed import JournalFeed
 from daemon.guards import Guards
 from daemon.integrations import load as load_adapter
 from daemon.integrations.base import Adapter, AdapterDeps, CallbackDeps, IntegrationConfig
@@ -63,6 +64,7 @@ class Runtime:
     writer: OutcomeWriter
     dispatcher: Dispatcher
     listener: Listener | None
+    feed: JournalFeed
     pbx: Pbx
     make_call_throttle: Throttle
     audit: AuditLog
@@ -126,6 +128,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         guards = Guards({**adapter.rate_limits, **dict(settings.rate_limits)},
                         settings.enterprise_concurrency, metrics)
         writer = OutcomeWriter(pool, adapter.name, metrics)
+        doorbell_window_s = await store.doorbell_window_s(pool)
         dispatcher = Dispatcher(
             pool, adapter, cache, guards, writer, metrics, instance_id=settings.instance_id,
             http=http,
@@ -134,9 +137,12 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
-            doorbell_window_s=await store.doorbell_window_s(pool),
+            doorbell_window_s=doorbell_window_s,
         )
-        listener = _listener(settings, cache, dispatcher, metrics) if settings.notify else None
+        feed = JournalFeed(pool, adapter.name, metrics, doorbell_window_s=doorbell_window_s)
+        writer.on_written(feed.settled)
+        listener = (_listener(settings, cache, dispatcher, feed, metrics) if settings.notify
+                    else None)
         pbx_http = pbx_session(settings.pbx_timeout_s, connections=PBX_CONNECTIONS,
                                connect_timeout_s=HTTP_CONNECT_TIMEOUT_S)
         stack.push_async_callback(pbx_http.close)
@@ -150,7 +156,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
-            dispatcher=dispatcher, listener=listener, pbx=pbx,
+            dispatcher=dispatcher, listener=listener, feed=feed, pbx=pbx,
             make_call_throttle=Throttle(settings.make_call_rate), audit=audit,
             redirect=redirect,
         )
@@ -166,14 +172,19 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
-              metrics: Metrics) -> Listener:
+              feed: JournalFeed, metrics: Metrics) -> Listener:
     async def catch_up(since: float) -> None:
         await cache.catch_up(since)
         dispatcher.wake()
+        feed.wake()
+
+    def on_events(payload: str) -> None:
+        dispatcher.doorbell(payload)
+        feed.ring(payload)
 
     return Listener(
         settings.database_url,
-        {"crm_events": dispatcher.doorbell, "crm_config": lambda p: on_config(cache, p)},
+        {"crm_events": on_events, "crm_config": lambda p: on_config(cache, p)},
         catch_up, metrics, probe_interval_s=settings.listener_probe_s,
         command_timeout_s=settings.db_command_timeout_s,
         application_name=f"crm-bridge:{settings.integration}:listener",
@@ -198,6 +209,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
     spawn("audit-log", rt.audit.run(stopping))
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
+    spawn("journal-feed", rt.feed.run(stopping))
     spawn("loop-watch", loopwatch.run(rt.metrics, stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
                                          s.purge_interval_s, rt.metrics, stopping))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Development bootstrap used by the Makefile: system packages, the virtualenv, a local DB.
-#   deploy/devenv.sh system    install PostgreSQL (apt-get) when its server binaries are missing
+#   deploy/devenv.sh system    install PostgreSQL and Chromium (apt-get) where missing: the
+#                              tests drive the admin pages in Debian's headless Chromium
 #   deploy/devenv.sh venv      create .venv and install crm-bridge with its test/dev extras
 #   deploy/devenv.sh database  print a database URL: $CRM_BRIDGE_DATABASE_URL when set, else
 #                              a throwaway cluster under .pgdata (started if needed)
@@ -24,6 +25,12 @@ system() {
         echo "devenv: installing PostgreSQL (apt-get)" >&2
         as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
         as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    fi
+    if [ ! -x /usr/bin/chromium ]; then
+        echo "devenv: installing Chromium (apt-get), for the admin pages' browser tests" >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+            || echo "devenv: Chromium could not be installed: the browser tests will skip" >&2
     fi
     if ! "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1; then
         echo "devenv: installing python3-venv (apt-get)" >&2

@@ -28,7 +28,9 @@ ADAPTERS = [*available(), "tests.support.fakecrm"]
 FIXED_FILES = ("__init__.py", "config.py", "client.py", "events.py")
 KNOWN_EVENT_TYPES = frozenset({"start", "dial", "bridge", "hangup", "download"})
 ASYNC_METHODS = ("deliver", "deliver_batch", "check_credentials", "list_users", "register",
-                 "unregister", "responsible_manager")
+                 "unregister", "responsible_manager", "read_settings", "write_settings",
+                 "test_connection", "managers", "internal_numbers_view", "extensions",
+                 "save_extensions", "sync_extensions")
 # STYLE.md: cli is the composition root (cli → web → core); it alone may import web.
 COMPOSITION_ROOT = Path("daemon/cli.py")
 
@@ -89,6 +91,21 @@ def _minimal_config(name: str) -> dict[str, str]:
         return {"url": "http://127.0.0.1:9", "api_key": Crypto(
             (TEST_FERNET_KEY,), TEST_SECRET_KEY).encrypt("k")}
     return {}
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+async def test_an_adapter_refuses_an_unknown_setting_by_name(
+    name: str, deps: AdapterDeps, pool: asyncpg.Pool
+) -> None:
+    from tests.support.seed import add_enterprise
+
+    await add_enterprise(pool, "0001")
+    adapter = load(name, deps)
+    with pytest.raises(ConfigError) as info:
+        await adapter.write_settings("0001", {"no_such_setting": True})
+    assert info.value.field == "no_such_setting"
+    assert isinstance(await adapter.read_settings("0001"), Mapping)
+    assert isinstance(await adapter.extensions("0001"), Mapping)
 
 
 @pytest.mark.parametrize("name", ADAPTERS)

@@ -16,6 +16,7 @@ def test_select_by_name_and_prefix() -> None:
     assert select([]) == list(BENCHMARKS)
     assert select(["cache"]) == ["cache.a", "cache.b"]
     assert select(["telephony"]) == ["telephony.a", "telephony.b", "telephony.c"]
+    assert select(["journal"]) == ["journal.a", "journal.b"]
     assert select(["pipeline.d,cache.a", "pipeline.d"]) == ["pipeline.d", "cache.a"]
     with pytest.raises(ValueError, match=r"no benchmark 'pipeline\.z'"):
         select(["pipeline.z"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,13 +15,27 @@ from daemon.calls import (
     CallType,
     MalformedEvent,
     StoredEvent,
+    answered,
     answerer,
+    bridged_answerer,
     channel_extension,
+    direction,
     fold_call,
     parse_call,
     parse_event,
 )
-from tests.support.bodies import BRIDGE_TRUNK, START, TOKEN, UID
+from tests.support.bodies import (
+    BRIDGE_TRUNK,
+    SPLIT_BRIDGE_151,
+    SPLIT_BRIDGE_TRUNK,
+    SPLIT_DIAL,
+    SPLIT_HANGUP,
+    SPLIT_START,
+    SPLIT_UID,
+    START,
+    TOKEN,
+    UID,
+)
 from tests.support.bodies import DIAL_IN as DIAL
 
 RECEIVED = datetime(2025, 9, 13, 14, 12, 22, tzinfo=UTC)
@@ -300,13 +316,49 @@ def test_ringing_across_dials_first_seen_order() -> None:
     assert state.ringing == ("150", "151", "152", "375297778899", "153")
 
 
-def test_call_type_phone_trunk_priority_hangup_dial_start() -> None:
+def test_call_types_start_then_dials_then_hangup_phone_and_trunk_hangup_first() -> None:
+    # Until issue 11 the hangup's CallType came first (this test expected INTERNAL from the
+    # dial over the start): a start's or dial's CallType now wins over a hangup's.
     start = event(1, "start", {**START, "CallType": 1, "Phone": "s", "Trunk": "T1"})
     dial = event(2, "dial", {**DIAL, "CallType": "2", "Phone": "d", "Trunk": ""})
-    hangup = event(3, "hangup", {**HANGUP, "CallType": None, "Phone": "h", "Trunk": ""})
-    state = fold_call([start, dial, hangup])
-    assert (state.call_type, state.phone, state.trunk) == (CallType.INTERNAL, "h", "T1")
-    assert fold_call([start]).call_type is CallType.OUTGOING
+    hangup = event(3, "hangup", {**HANGUP, "CallType": 0, "Phone": "h", "Trunk": ""})
+    state = fold_call([hangup, dial, start])
+    assert state.call_types == (CallType.OUTGOING, CallType.INTERNAL, CallType.INCOMING)
+    assert (state.call_type, state.phone, state.trunk) == (CallType.OUTGOING, "h", "T1")
+    assert fold_call([dial, hangup]).call_type is CallType.INTERNAL
+    assert fold_call([hangup]).call_type is CallType.INCOMING
+    assert fold_call([event(3, "hangup", {**HANGUP, "CallType": None})]).call_types == ()
+
+
+def test_call_types_dials_earliest_stored_first_click_to_call_legs_last() -> None:
+    leg = event(2, "dial", {**DIAL, "CallType": 2, "ExternalInitiated": True})
+    outside = event(3, "dial", {**DIAL, "CallType": 1, "ExternalInitiated": True})
+    transfer = event(4, "dial", {**DIAL, "CallType": 0})
+    state = fold_call([transfer, outside, leg])
+    assert state.call_types == (CallType.OUTGOING, CallType.INCOMING, CallType.INTERNAL)
+
+
+def test_started_at_hangup_start_time_else_the_earliest_time_of_the_call() -> None:
+    start = event(1, "start", {**START, "DateReceived": "2025-09-13 17:12:20"})
+    no_start_time = event(5, "hangup", {**HANGUP, "StartTime": ""})
+    assert fold_call([start, event(5, "hangup", HANGUP)]).started_at == datetime(
+        2025, 9, 13, 17, 12, 30)
+    assert fold_call([start, no_start_time]).started_at == datetime(2025, 9, 13, 17, 12, 20)
+    assert fold_call([no_start_time]).started_at == datetime(2025, 9, 13, 17, 12, 22)
+    download = event(6, "download", {**HANGUP, "StartTime": "", "DateReceived":
+                                     "2025-09-13 17:12:21"}, origin="download")
+    bare = event(5, "hangup", {**HANGUP, "StartTime": "", "DateReceived": ""})
+    assert fold_call([bare, download]).started_at == datetime(2025, 9, 13, 17, 12, 21)
+    assert fold_call([bare, event(2, "dial", DIAL)]).started_at is None
+
+
+def test_first_stored_at_is_the_earliest_receipt_of_the_call() -> None:
+    later = datetime(2025, 9, 13, 14, 13, 0, tzinfo=UTC)
+    hangup = parse_event(StoredEvent(id=5, event_type="hangup", unique_id=UID, payload=HANGUP,
+                                     record_url=None, origin="live", received_at=later))
+    dial = event(2, "dial", DIAL)
+    assert fold_call([hangup]).first_stored_at == later
+    assert fold_call([hangup, dial]).first_stored_at == RECEIVED
 
 
 def test_live_hangup_preferred_over_download() -> None:
@@ -408,3 +460,159 @@ def test_click_to_call_leg_dials_do_not_ring() -> None:
     state = fold_call([leg, outside])
     assert state.ringing == ("150",)
     assert [e.id for e in state.dials] == [2, 3]
+
+
+# ---------------------------------------------------------------- direction
+
+
+def _without(body: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in keys}
+
+
+INTERNAL_DIAL = {"Token": TOKEN, "UniqueId": UID, "CallType": 2, "Phone": "150",
+                 "Extensions": ["151"], "Trunk": "", "ExtPhone": ""}
+INTERNAL_HANGUP = {**INTERNAL_DIAL, "Extensions": [""], "CallStatus": "2",
+                   "StartTime": "2025-09-13 11:00:04", "EndTime": "2025-09-13 11:01:04"}
+BRIDGE_150_151 = {"Token": TOKEN, "UniqueId": UID, "Channel": "SIP/150-00000031",
+                  "CallerIDNum": "150", "ConnectedLineNum": "151",
+                  "ConnectedLineName": "<unknown>", "BridgeUniqueid": "b-int"}
+NO_TYPE_HANGUP = _without(HANGUP, "CallType")
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        pytest.param([(1, "start", START), (2, "dial", DIAL), (5, "hangup",
+                                                               {**HANGUP, "CallType": 2})],
+                     CallType.INCOMING, id="start-and-dial-win-over-the-hangup"),
+        pytest.param([(5, "hangup", {**HANGUP, "CallType": "1", "Phone": "80291234567"})],
+                     CallType.OUTGOING, id="the-hangup-counts-without-start-or-dial"),
+        pytest.param([(5, "hangup", {**HANGUP, "CallType": 2})], None,
+                     id="outside-phone-is-never-internal-and-nothing-else-decides"),
+        pytest.param([(2, "dial", {**DIAL, "CallType": 2}), (5, "hangup", HANGUP)],
+                     CallType.INCOMING, id="an-internal-dial-with-outside-phone-yields"),
+        pytest.param([(2, "dial", INTERNAL_DIAL), (3, "bridge", BRIDGE_150_151),
+                       (5, "hangup", INTERNAL_HANGUP)], CallType.INTERNAL,
+                     id="internal-phone-internal-call"),
+        pytest.param([(2, "dial", {**INTERNAL_DIAL, "Phone": "160"}),
+                       (5, "hangup", {**INTERNAL_HANGUP, "Phone": "160"})], CallType.INTERNAL,
+                     id="an-extension-the-enterprise-has-not-listed-does-not-contradict"),
+        pytest.param([(2, "dial", {**INTERNAL_DIAL, "Phone": ""}),
+                       (3, "bridge", BRIDGE_150_151)], CallType.INTERNAL,
+                     id="no-phone-every-party-internal"),
+        pytest.param([(1, "start", _without(START, "CallType", "Phone")),
+                       (2, "dial", {**INTERNAL_DIAL, "Phone": ""}),
+                       (3, "bridge", {**BRIDGE_TRUNK, "CallerIDNum": "<unknown>"})],
+                     CallType.INCOMING, id="no-phone-a-party-outside-the-start-decides"),
+        pytest.param([(5, "hangup", {**HANGUP, "CallType": 2, "Phone": "",
+                                     "Extensions": [""]})],
+                     CallType.INTERNAL, id="no-phone-no-party-nothing-contradicts-internal"),
+        pytest.param([(2, "dial", {**DIAL, "CallType": 2, "ExternalInitiated": True,
+                                   "Extensions": ["150"]})],
+                     CallType.INTERNAL, id="a-click-to-call-leg-stays-internal"),
+        pytest.param([(1, "start", _without(START, "CallType")), (5, "hangup", NO_TYPE_HANGUP)],
+                     CallType.INCOMING, id="no-call-type-a-start-means-incoming"),
+        pytest.param([(2, "dial", _without(DIAL, "CallType")), (5, "hangup", NO_TYPE_HANGUP)],
+                     CallType.INCOMING, id="no-call-type-ext-phone-means-incoming"),
+        pytest.param([(2, "dial", _without(INTERNAL_DIAL, "CallType")),
+                       (5, "hangup", _without(INTERNAL_HANGUP, "CallType"))],
+                     CallType.INTERNAL, id="no-call-type-internal-phone-means-internal"),
+        pytest.param([(2, "dial", {**_without(DIAL, "CallType"), "ExtPhone": "",
+                                   "ExternalInitiated": "true"})],
+                     CallType.OUTGOING, id="no-call-type-click-to-call-means-outgoing"),
+        pytest.param([(5, "hangup", NO_TYPE_HANGUP)], None,
+                     id="no-call-type-a-lone-hangup-has-no-direction"),
+    ],
+)
+def test_direction(call: list[tuple[int, str, dict[str, Any]]], expected: CallType | None) -> None:
+    state = fold_call([event(*row) for row in call])
+    assert direction(state, is_internal) is expected
+
+
+# ---------------------------------------------------------------- answered
+
+
+def split_call() -> list[CallEvent]:
+    bodies = [("start", SPLIT_START), ("dial", SPLIT_DIAL), ("bridge", SPLIT_BRIDGE_TRUNK),
+              ("bridge", SPLIT_BRIDGE_151), ("hangup", SPLIT_HANGUP)]
+    return [event(i, kind, body, unique_id=SPLIT_UID)
+            for i, (kind, body) in enumerate(bodies, start=1)]
+
+
+def test_a_bridge_of_the_customer_with_an_internal_number_answers_the_call() -> None:
+    state = fold_call(split_call())
+    assert state.hangup is not None
+    assert state.hangup.call_status == "0"
+    assert answered(state, is_internal)
+    assert bridged_answerer(state, is_internal) == "151"
+    assert answerer(state, is_internal) == "151"
+    trunk_side_only = fold_call([e for e in split_call() if e.id != 4])
+    assert bridged_answerer(trunk_side_only, is_internal) == "151"
+
+
+@pytest.mark.parametrize(
+    ("bridge", "status", "expected"),
+    [
+        pytest.param(None, "2", True, id="call-status-2"),
+        pytest.param(None, "5", True, id="call-status-5-talk"),
+        pytest.param(None, "0", False, id="call-status-0-no-bridge"),
+        pytest.param({**BRIDGE_150_151, "Channel": "SIP/151-00000040", "CallerIDNum": "151",
+                      "ConnectedLineNum": "153"}, "0", False,
+                     id="a-consult-bridge-without-the-customer"),
+        pytest.param({**BRIDGE_TRUNK, "ConnectedLineNum": "375297778899",
+                      "Channel": "Local/375297778899@fm-0000a1;2"}, "0", False,
+                     id="the-customer-bridged-with-a-mobile-only"),
+        pytest.param({**BRIDGE_150_151, "Channel": "SIP/151-00000040", "CallerIDNum": "151",
+                      "ConnectedLineNum": "153"}, None, True,
+                     id="no-call-status-any-bridge"),
+        pytest.param({**BRIDGE_TRUNK, "CallerIDNum": "80291112233"}, "0", True,
+                     id="the-customer-in-local-format"),
+        pytest.param({**BRIDGE_TRUNK, "CallerIDNum": "anonymous"}, "1", True,
+                     id="the-trunk-channel-with-an-anonymous-caller"),
+    ],
+)
+def test_answered(bridge: dict[str, Any] | None, status: str | None, expected: bool) -> None:
+    call = [event(2, "dial", DIAL), event(5, "hangup", {**HANGUP, "CallStatus": status})]
+    if bridge is not None:
+        call.append(event(3, "bridge", {**bridge, "UniqueId": UID}))
+    assert answered(fold_call(call), is_internal) is expected
+
+
+def test_the_last_bridge_with_the_customer_names_the_answerer() -> None:
+    to_153 = {**SPLIT_BRIDGE_151, "Channel": "SIP/153-0000002f", "Exten": "153",
+              "CallerIDNum": "153", "BridgeUniqueid": "b2"}
+    consult = {**SPLIT_BRIDGE_151, "ConnectedLineNum": "152", "BridgeUniqueid": "b3"}
+    call = [*split_call(), event(6, "bridge", to_153, unique_id=SPLIT_UID),
+            event(7, "bridge", consult, unique_id=SPLIT_UID)]
+    state = fold_call(call)
+    assert bridged_answerer(state, is_internal) == "153"
+    assert answerer(state, is_internal) == "153"  # the consult leg is not the customer's
+
+
+def test_an_outgoing_call_is_answered_when_its_caller_meets_the_dialled_number() -> None:
+    dial = {**DIAL, "CallType": 1, "Phone": "80291234567", "Extensions": ["150"],
+            "ExtPhone": ""}
+    bridge = {"Token": TOKEN, "UniqueId": UID, "Channel": "PJSIP/150-00000002",
+              "Exten": "80291234567", "CallerIDNum": "150", "ConnectedLineNum": "+375291234567",
+              "ConnectedLineName": "<unknown>"}
+    hangup = {**HANGUP, "CallType": 1, "Phone": "80291234567", "CallStatus": "0"}
+    state = fold_call([event(2, "dial", dial), event(3, "bridge", bridge),
+                       event(4, "hangup", hangup)])
+    assert answered(state, is_internal)
+    assert bridged_answerer(state, is_internal) == "150"
+
+
+def test_the_rules_do_not_depend_on_the_order_the_events_were_stored_in() -> None:
+    call = split_call()
+    reference = fold_call(call)
+    decided = (direction(reference, is_internal), answered(reference, is_internal),
+               answerer(reference, is_internal), set(reference.ringing), reference.started_at,
+               reference.call_type, reference.phone, reference.trunk)
+    assert decided == (CallType.INCOMING, True, "151", {"150", "151", "152"},
+                       datetime(2025, 9, 14, 12, 12, 7), CallType.INCOMING, "375291112233",
+                       "0001363")
+    for ids in itertools.permutations(range(1, len(call) + 1)):
+        state = fold_call([dataclasses.replace(e, id=i) for e, i in zip(call, ids, strict=True)])
+        assert (direction(state, is_internal), answered(state, is_internal),
+                answerer(state, is_internal), set(state.ringing), state.started_at,
+                state.call_type, state.phone, state.trunk) == decided, ids

@@ -140,13 +140,75 @@ class RegistrationResult:
     ``error_id`` a stable code when not ok (``payment_required``, ``invalid_module``,
     ``auth_failed``, ``unavailable``, ``config``...); ``details`` the CRM's field errors
     (field → message) or the local field at fault; ``warnings`` what was accepted but is
-    worth telling (users the CRM does not know...). Never carries a secret.
+    worth telling (users the CRM does not know...), ``unknown_users`` those users' ids (for
+    RetailCRM, its ``notExistUsersIds``). Never carries a secret.
     """
 
     ok: bool
     message: str
     error_id: str | None = None
     details: Mapping[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+    unknown_users: tuple[str, ...] = ()  # user ids the CRM says it does not know
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionMismatch:
+    """A manager whose number differs between the local map and the CRM's own record."""
+
+    user_id: str
+    local: str | None
+    remote: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ManagersView:
+    """The CRM's active users with their numbers, and where the two records disagree.
+
+    ``module_registered`` is False when the CRM holds no record of ours (nothing to merge).
+    """
+
+    managers: tuple[CrmUser, ...]
+    mismatches: tuple[ExtensionMismatch, ...]
+    module_registered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InternalNumber:
+    """One internal number of the enterprise: its platform owner and the manager on it."""
+
+    number: str
+    owner: str | None
+    manager_id: str | None
+
+    @property
+    def taken(self) -> bool:
+        """Whether a CRM manager has this number."""
+        return self.manager_id is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionMove:
+    """A number that left one manager for another because of an assignment."""
+
+    number: str
+    from_user: str
+    to_user: str
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionsSaved:
+    """The outcome of saving an assignment set (the local save always happened).
+
+    ``synced``: the CRM has the new numbers; ``sync_pending``: it does not yet and the
+    adapter retries; neither: the integration is not connected.
+    """
+
+    user_extensions: Mapping[str, str]
+    moves: tuple[ExtensionMove, ...]
+    synced: bool
+    sync_pending: bool
+    message: str
     warnings: tuple[str, ...] = ()
 
 
@@ -297,3 +359,44 @@ class Adapter(Protocol):
 
     def templates_dir(self) -> Path | None:
         """Where this adapter's admin page templates are, or None when it has none."""
+
+    # ---- administration: the admin pages, the JSON API and the CLI all call these, so
+    # ---- there is one validation path. The enterprise exists (the caller checked); a bad
+    # ---- value raises ``ConfigError`` naming the field and changes nothing.
+
+    async def read_settings(self, enterprise: str) -> Mapping[str, Any]:
+        """The enterprise's settings as an admin sees them: JSON-able, every secret masked
+        (never a secret value, at most a hint such as its last characters)."""
+
+    async def write_settings(
+        self, enterprise: str, changes: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        """Validate and store a partial update of the settings (only the keys given; the
+        managers' numbers and other integrations' settings are never touched); the new
+        ``read_settings`` view."""
+
+    async def test_connection(
+        self, enterprise: str, changes: Mapping[str, Any] | None = None
+    ) -> CredentialsCheck:
+        """``check_credentials`` of the stored settings, or of them with ``changes`` applied
+        (validated as ``write_settings`` would, stored nowhere)."""
+
+    async def managers(self, enterprise: str) -> ManagersView:
+        """Every active CRM user with status and number, and the disagreements between the
+        local map and the CRM's; a CRM failure raises a ``DeliveryError`` class, a CRM not
+        configured ``ConfigError``."""
+
+    async def internal_numbers_view(self, enterprise: str) -> list[InternalNumber]:
+        """The enterprise's internal numbers with their owners and the managers on them."""
+
+    async def extensions(self, enterprise: str) -> Mapping[str, str]:
+        """The stored map CRM user id → internal number."""
+
+    async def save_extensions(
+        self, enterprise: str, assignments: Mapping[str, str | None]
+    ) -> ExtensionsSaved:
+        """Store an assignment set (one number per manager: a number taken from another
+        manager moves), then send it to the CRM."""
+
+    async def sync_extensions(self, enterprise: str) -> RegistrationResult:
+        """Send the stored map to the CRM again."""

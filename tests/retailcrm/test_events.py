@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from daemon.calls import CallEvent, MalformedEvent, StoredEvent, parse_event
+from daemon.calls import CallEvent, StoredEvent, parse_event
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, Skip, batches, plan
-from tests.support.bodies import BRIDGE_TRUNK, DIAL_IN, START, TOKEN, UID
+from tests.support.bodies import (
+    BRIDGE_TRUNK,
+    DIAL_IN,
+    SPLIT_BRIDGE_151,
+    SPLIT_BRIDGE_TRUNK,
+    SPLIT_DIAL,
+    SPLIT_HANGUP,
+    SPLIT_START,
+    SPLIT_UID,
+    START,
+    TOKEN,
+    UID,
+)
 
 RECEIVED = datetime(2025, 9, 13, 14, 14, 6, tzinfo=UTC)
 LINE = "+375173334455"
@@ -61,10 +74,10 @@ HANGUP_INTERNAL = {"Token": TOKEN, "UniqueId": UID, "CallType": 2, "Phone": "150
 
 
 def ev(id: int, event_type: str, body: dict[str, Any], *, record_url: str | None = None,
-       origin: str = "live") -> CallEvent:
+       origin: str = "live", received_at: datetime = RECEIVED) -> CallEvent:
     return parse_event(StoredEvent(id=id, event_type=event_type, unique_id=str(body["UniqueId"]),
                                    payload=body, record_url=record_url, origin=origin,
-                                   received_at=RECEIVED))
+                                   received_at=received_at))
 
 
 def options(**changes: Any) -> MappingOptions:
@@ -371,11 +384,135 @@ def test_call_type_taken_from_the_call_when_the_event_lacks_it() -> None:
     assert upload["type"] == "in"
 
 
-def test_no_call_type_anywhere_is_malformed() -> None:
+def test_no_call_type_anywhere_is_skipped_with_a_reason_never_raised() -> None:
+    # Until issue 11 this raised MalformedEvent("CallType"): a dead letter nobody could fix
+    # by replaying. A call nothing gives a direction is now skipped, and a dial carrying
+    # ExtPhone (only incoming dials do) is incoming.
+    hangup = ev(5, "hangup", {k: v for k, v in HANGUP_IN.items() if k != "CallType"})
+    assert plan(hangup, [hangup], OPTIONS) == Plan(None, None, "no_direction")
     dial = ev(2, "dial", {k: v for k, v in DIAL_IN.items() if k != "CallType"})
-    with pytest.raises(MalformedEvent) as caught:
-        plan(dial, [dial], OPTIONS)
-    assert caught.value.field == "CallType"
+    assert plan(dial, [dial], OPTIONS) == Plan(RING_IN, None, None)
+
+
+# ---------------------------------------------------------------- calls whose events disagree
+
+SPLIT_PHONE = "+375291112233"
+SPLIT_HANGUP_EVENT = {"type": "hangup", "phone": SPLIT_PHONE, "codes": ["150", "151", "152"],
+                      "userIds": [11, 12, 13], "callExternalId": SPLIT_UID,
+                      "hangupStatus": "answered", "externalPhone": LINE}
+SPLIT_UPLOAD = {"date": "2025-09-14 12:12:07", "type": "in", "phone": SPLIT_PHONE,
+                "code": "151", "userId": 12, "result": "answered", "duration": 40,
+                "durationWaiting": 12, "externalId": SPLIT_UID, "externalPhone": LINE}
+SPLIT = [(1, "start", SPLIT_START), (2, "dial", SPLIT_DIAL), (3, "bridge", SPLIT_BRIDGE_TRUNK),
+         (4, "bridge", SPLIT_BRIDGE_151), (5, "hangup", SPLIT_HANGUP)]
+BRIDGE_153 = {**BRIDGE_151, "Channel": "SIP/153-0000002f", "Exten": "153", "CallerIDNum": "153",
+              "CallerIDName": "153", "BridgeUniqueid": "b2"}
+CONSULT_151_153 = {**BRIDGE_151, "ConnectedLineNum": "153", "BridgeUniqueid": "b3"}
+MISSED_EVENT = {**HANGUP_EVENT, "hangupStatus": "no answered"}
+MISSED_UPLOAD = {"date": "2025-09-13 17:12:22", "type": "in", "phone": "+375291112233",
+                 "code": "152", "userId": 13, "result": "no answer", "duration": 0,
+                 "durationWaiting": 30, "externalId": UID, "externalPhone": LINE}
+LATER = datetime(2025, 9, 13, 14, 20, 0, tzinfo=UTC)
+NO_TIMES = {"DateReceived": "", "StartTime": "", "EndTime": ""}
+
+
+def no(body: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in keys}
+
+
+Row = tuple[int, str, dict[str, Any]] | tuple[int, str, dict[str, Any], dict[str, Any]]
+
+
+@pytest.mark.parametrize(
+    ("rows", "current", "expected"),
+    [
+        # Direction: the first start's or dial's CallType wins; the hangup's CallType 2 on an
+        # incoming call with the customer's number is ignored. Answered: CallStatus "0", but
+        # the customer was bridged with 151 for 40 s.
+        pytest.param(SPLIT, 5, Plan(SPLIT_HANGUP_EVENT, SPLIT_UPLOAD, None),
+                     id="hangup-says-internal-and-not-answered-after-a-bridge-with-151"),
+        pytest.param([(5, "hangup", {**HANGUP_OUT, "Extensions": ["150"]})], 5, Plan(
+            {"type": "hangup", "phone": "+375291234567", "codes": ["150"], "userIds": [11],
+             "callExternalId": UID, "hangupStatus": "answered", "externalPhone": LINE},
+            {"date": "2025-09-13 10:00:12", "type": "out", "phone": "+375291234567",
+             "code": "150", "userId": 11, "result": "answered", "duration": 180,
+             "durationWaiting": 12, "externalId": UID, "externalPhone": LINE}, None),
+            id="direction-from-the-hangup-when-no-start-or-dial-says-it"),
+        pytest.param([(2, "dial", {**DIAL_IN, "CallType": 2})], 2, Plan(RING_IN, None, None),
+                     id="direction-an-outside-phone-is-never-internal"),
+        pytest.param([(2, "dial", DIAL_INTERNAL), (4, "hangup", HANGUP_INTERNAL)], 4,
+                     Plan(None, None, "internal_call"),
+                     id="direction-an-internal-phone-keeps-an-internal-call-internal"),
+        pytest.param([(5, "hangup", no(HANGUP_IN, "CallType"))], 5,
+                     Plan(None, None, "no_direction"),
+                     id="no-direction-at-all-is-skipped-with-a-reason"),
+        pytest.param([(1, "start", no(START, "CallType")), (5, "hangup", no(MISSED_IN,
+                                                                           "CallType"))],
+                     5, Plan(None, no(MISSED_UPLOAD, "code", "userId"), None),
+                     id="no-call-type-anywhere-but-a-start-means-incoming"),
+        pytest.param([(2, "dial", DIAL_IN), (4, "bridge", BRIDGE_151),
+                       (5, "hangup", {**HANGUP_IN, "CallStatus": "0"})], 5,
+                     Plan(HANGUP_EVENT, no(UPLOAD_ANSWERED, "recordUrl"), None),
+                     id="answered-the-customer-bridged-with-151-whatever-call-status-says"),
+        pytest.param([(2, "dial", DIAL_IN), (4, "bridge", CONSULT_151_153),
+                       (5, "hangup", MISSED_IN)], 5, Plan(MISSED_EVENT, MISSED_UPLOAD, None),
+                     id="not-answered-a-bridge-of-two-extensions-without-the-customer"),
+        pytest.param([(2, "dial", DIAL_IN), (3, "bridge", BRIDGE_151),
+                       (4, "bridge", CONSULT_151_153), (6, "bridge", BRIDGE_153),
+                       (7, "hangup", {**HANGUP_IN, "CallStatus": "0"})], 7,
+                     Plan({**HANGUP_EVENT, "codes": ["150", "151", "152", "153"]},
+                          {**no(UPLOAD_ANSWERED, "recordUrl", "userId"), "code": "153"}, None),
+                     id="answered-the-last-extension-bridged-with-the-customer-after-a-transfer"),
+        pytest.param([(3, "hangup", MISSED_IN), (4, "dial", DIAL_IN)], 3,
+                     Plan(MISSED_EVENT, MISSED_UPLOAD, None),
+                     id="out-of-order-a-hangup-stored-before-its-dial-names-the-manager"),
+        pytest.param([(3, "hangup", HANGUP_IN), (4, "dial", DIAL_IN), (5, "bridge", BRIDGE_151)],
+                     3, Plan(HANGUP_EVENT, no(UPLOAD_ANSWERED, "recordUrl"), None),
+                     id="out-of-order-an-answered-hangup-stored-before-dial-and-bridge"),
+        pytest.param([(3, "hangup", MISSED_IN), (4, "dial", DIAL_IN)], 4,
+                     Plan(None, None, "late_dial"),
+                     id="out-of-order-the-late-dial-opens-no-card"),
+        pytest.param([(1, "start", {**START, "DateReceived": "2025-09-13 17:12:20"}),
+                       (2, "dial", DIAL_IN), (4, "bridge", BRIDGE_151), (5, "hangup", HANGUP_IN)],
+                     5, Plan(HANGUP_EVENT, no(UPLOAD_ANSWERED, "recordUrl"), None),
+                     id="date-the-hangups-start-time-first"),
+        pytest.param([(1, "start", {**START, "DateReceived": "2025-09-13 17:12:20"}),
+                       (2, "dial", DIAL_IN), (5, "hangup", {**MISSED_IN, **NO_TIMES})], 5,
+                     Plan(MISSED_EVENT, {**no(MISSED_UPLOAD, "durationWaiting"),
+                                         "date": "2025-09-13 17:12:20"}, None),
+                     id="date-the-earliest-time-any-event-of-the-call-carries"),
+        pytest.param([(1, "start", START), (2, "dial", DIAL_IN),
+                       (5, "hangup", {**MISSED_IN, **NO_TIMES}, {"received_at": LATER})], 5,
+                     Plan(MISSED_EVENT, {**no(MISSED_UPLOAD, "durationWaiting"),
+                                         "date": "2025-09-13 17:14:06"}, None),
+                     id="date-when-the-calls-first-event-was-stored"),
+    ],
+)
+def test_calls_whose_events_disagree(rows: list[Row], current: int, expected: Plan) -> None:
+    call = [ev(r[0], r[1], r[2], **(r[3] if len(r) == 4 else {})) for r in rows]
+    assert plan(next(e for e in call if e.id == current), call, OPTIONS) == expected
+
+
+def test_the_split_call_maps_the_same_whatever_order_its_events_were_stored_in() -> None:
+    for ids in itertools.permutations(range(1, len(SPLIT) + 1)):
+        call = [ev(i, kind, body) for i, (_n, kind, body) in zip(ids, SPLIT, strict=True)]
+        hangup = next(e for e in call if e.event_type == "hangup")
+        planned = plan(hangup, call, OPTIONS)
+        assert planned.upload == SPLIT_UPLOAD, ids
+        assert planned.event is not None
+        assert sorted(planned.event["codes"]) == ["150", "151", "152"], ids
+        assert {**planned.event, "codes": None} == {**SPLIT_HANGUP_EVENT, "codes": None}, ids
+        dial = next(e for e in call if e.event_type == "dial")
+        expected = "late_dial" if hangup.id < dial.id else None
+        assert plan(dial, call, OPTIONS).skipped == expected, ids
+
+
+def test_a_transfer_dial_naming_the_transferring_extension_shows_the_customer() -> None:
+    transfer = {**DIAL_IN, "CallType": 2, "Phone": "151", "Extensions": ["153"], "ExtPhone": ""}
+    call = [ev(1, "start", START), ev(2, "dial", DIAL_IN), ev(3, "bridge", BRIDGE_151),
+            ev(4, "dial", transfer)]
+    assert plan(call[-1], call, OPTIONS) == Plan({**RING_IN, "codes": ["153"], "userIds": []},
+                                                 None, None)
 
 
 # ---------------------------------------------------------------- dates and durations
@@ -509,7 +646,8 @@ def test_user_ids_ascending_non_numeric_ids_ignored() -> None:
 def test_skip_values_are_stable() -> None:
     assert {s.value for s in Skip} == {
         "no_request", "duplicate", "click_to_call_leg", "internal_call",
-        "internal_call_no_popup", "late_dial", "popup_incoming_off", "popup_outgoing_off",
+        "internal_call_no_popup", "late_dial", "no_direction", "popup_incoming_off",
+        "popup_outgoing_off",
         "popup_hangup_off", "upload_history_off", "no_internal_extension", "no_phone"}
 
 

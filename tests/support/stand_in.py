@@ -1,6 +1,7 @@
 """What a stand-in CRM (the tests' fake, the benchmarks' no-op) has of the adapter protocol
 beyond delivering: nothing — no users, no module to register, no callbacks, no background
-loops, no admin pages. Subclasses name themselves in ``crm_label`` for the messages."""
+loops, no admin pages, no settings an admin could change. Subclasses name themselves in
+``crm_label`` for the messages."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.errors import ConfigError
 from daemon.integrations.base import (
     CredentialsCheck,
     CrmUser,
+    ExtensionsSaved,
     IntegrationConfig,
+    InternalNumber,
+    ManagersView,
     RegistrationResult,
     Responsible,
     Route,
@@ -64,3 +69,40 @@ class StandInCrm:
     def templates_dir(self) -> Path | None:
         """No admin pages."""
         return None
+
+    async def read_settings(self, enterprise: str) -> Mapping[str, Any]:
+        """Nothing to show."""
+        return {}
+
+    async def write_settings(self, enterprise: str, changes: Mapping[str, Any]
+                             ) -> Mapping[str, Any]:
+        """Nothing can be changed: the first key named is refused."""
+        for name in changes:
+            raise ConfigError(str(name), f"is not a setting of {self.crm_label}")
+        return {}
+
+    async def test_connection(self, enterprise: str,
+                              changes: Mapping[str, Any] | None = None) -> CredentialsCheck:
+        """Any credentials do."""
+        return CredentialsCheck(ok=True, message=f"{self.crm_label} takes any key")
+
+    async def managers(self, enterprise: str) -> ManagersView:
+        """Nobody."""
+        return ManagersView((), (), module_registered=False)
+
+    async def internal_numbers_view(self, enterprise: str) -> list[InternalNumber]:
+        """None are shown."""
+        return []
+
+    async def extensions(self, enterprise: str) -> Mapping[str, str]:
+        """None."""
+        return {}
+
+    async def save_extensions(self, enterprise: str, assignments: Mapping[str, str | None]
+                              ) -> ExtensionsSaved:
+        """Refused: there are no managers."""
+        raise ConfigError("user_extensions", f"{self.crm_label} has no managers")
+
+    async def sync_extensions(self, enterprise: str) -> RegistrationResult:
+        """Nothing to send."""
+        return RegistrationResult(ok=True, message=f"nothing to send to {self.crm_label}")

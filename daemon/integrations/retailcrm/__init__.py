@@ -1,7 +1,8 @@
 """The RetailCRM (Simla.com) adapter: the glue between the core and RetailCRM.
 
-The pieces (docs/architecture.md): ``config`` (the stored settings), ``events`` (pure mapping),
-``client`` (the dumb HTTP client), ``module`` (the telephony module we register),
+The pieces (mapping, client and glue kept apart): ``config`` (the stored settings),
+``account`` (the settings as an admin edits them), ``events`` (pure mapping), ``client``
+(the dumb HTTP client), ``module`` (the telephony module we register),
 ``extensions`` (managers ↔ internal numbers), ``http`` (RetailCRM's callbacks to us) and
 ``simulator`` (a strict stand-in for tests and demos). This file implements the core's
 ``Adapter`` protocol with them.
@@ -34,7 +35,7 @@ from aiohttp import web
 
 from daemon import store
 from daemon.calls import StoredEvent, parse_call, parse_event
-from daemon.errors import DeliveryError, Permanent
+from daemon.errors import ConfigError, DeliveryError, Permanent
 from daemon.integrations.base import (
     AdapterDeps,
     CredentialsCheck,
@@ -42,14 +43,16 @@ from daemon.integrations.base import (
     Delivered,
     DeliveryContext,
     IntegrationConfig,
+    InternalNumber,
+    ManagersView,
     Outcome,
     RegistrationResult,
     Responsible,
     Route,
     Skipped,
 )
+from daemon.integrations.retailcrm import account, extensions, routing
 from daemon.integrations.retailcrm import config as cfg
-from daemon.integrations.retailcrm import extensions, routing
 from daemon.integrations.retailcrm.client import MAX_UPLOAD_BATCH, RetailCrmClient
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, batches, plan
 from daemon.integrations.retailcrm.module import LINK_REFRESH_S, ModuleIdentity, Registrar
@@ -66,6 +69,7 @@ REQUIRED_SCOPES = ("integration_read", "integration_write", "telephony_read",
 CHECK_TIMEOUT_S = 5.0
 RECONCILE_INTERVAL_S = 180.0
 RECONCILE_BATCH = 100
+TEMPLATES = Path(__file__).parent / "templates"
 
 __all__ = ["NAME", "RetailCrmAdapter", "create_adapter"]
 
@@ -295,8 +299,51 @@ class RetailCrmAdapter:
         return {"extensions-sync": self.run_reconciler(stopping)}
 
     def templates_dir(self) -> Path | None:
-        """No admin templates yet (the admin pages come later)."""
-        return None
+        """The RetailCRM part of the admin pages (the connection form)."""
+        return TEMPLATES
+
+    # ------------------------------------------------------------------ administration
+
+    async def read_settings(self, enterprise: str) -> dict[str, Any]:
+        """The masked settings view (``account.view``)."""
+        return account.view(await cfg.read_raw(self.deps.pool, enterprise), self.deps.crypto)
+
+    async def write_settings(self, enterprise: str, changes: Mapping[str, Any]
+                             ) -> dict[str, Any]:
+        """A validated partial update (``account.update``)."""
+        return await account.update(self.deps.pool, enterprise, changes, self.deps.crypto)
+
+    async def test_connection(self, enterprise: str,
+                              changes: Mapping[str, Any] | None = None) -> CredentialsCheck:
+        """``check_credentials`` of the stored settings (with ``changes``, unsaved)."""
+        current = await cfg.read_raw(self.deps.pool, enterprise)
+        _values, config = account.prepare(current, changes or {}, self.deps.crypto)
+        return await self.check_credentials(config)
+
+    async def managers(self, enterprise: str) -> ManagersView:
+        """Active RetailCRM users with status (the latest RetailCRM reported through
+        ``changeUserStatusUrl``, else the users list's) and number, and the mismatches."""
+        config = await self._stored_config(enterprise)
+        if not (config.domain and config.api_key):
+            raise ConfigError("domain", "RetailCRM is not connected: set the account "
+                              "address and the API key first")
+        client = self.client(config, timeout_s=CHECK_TIMEOUT_S)
+        statuses = await store.user_statuses(self.deps.pool, enterprise, NAME)
+        return await extensions.managers(client, config, self.identity.code, statuses)
+
+    async def internal_numbers_view(self, enterprise: str) -> list[InternalNumber]:
+        """The enterprise's numbers with owners and the managers on them."""
+        raw = await cfg.read_raw(self.deps.pool, enterprise)
+        return await extensions.internal_numbers(self.deps.pool, enterprise,
+                                                 extensions.stored_map(raw))
+
+    async def extensions(self, enterprise: str) -> dict[str, str]:
+        """The stored ``user_extensions``."""
+        return extensions.stored_map(await cfg.read_raw(self.deps.pool, enterprise))
+
+    async def _stored_config(self, enterprise: str) -> cfg.RetailCrmConfig:
+        return cfg.parse(await cfg.read_raw(self.deps.pool, enterprise) or {},
+                         self.deps.crypto)
 
     async def reconcile(self) -> int:
         """Re-sync every enterprise whose sync is pending or whose link is getting old

@@ -3,18 +3,25 @@
 ::
 
     crm-bridge retailcrm configure ENTERPRISE [--domain D] [--api-key-file PATH|-]
-                                   [--enable|--disable] [--time-zone TZ] [--region CC]
+              [--enable|--disable] [--time-zone TZ] [--crm-time-zone TZ] [--region CC]
+              [--[no-]popup-incoming] [--[no-]popup-outgoing] [--[no-]popup-hangup]
+              [--[no-]upload-history] [--[no-]upload-recordings] [--[no-]log-internal]
+              [--site-code CODE] [--external-phone LINE=PHONE ...|--no-external-phones]
     crm-bridge retailcrm test ENTERPRISE             # GET /api/credentials, scopes
     crm-bridge retailcrm register ENTERPRISE         # register the module, switch it on
     crm-bridge retailcrm unregister ENTERPRISE       # deactivate, revoke, switch off
     crm-bridge retailcrm sync-extensions ENTERPRISE  # send the managers' numbers again
+    crm-bridge retailcrm extensions show ENTERPRISE  # the managers' numbers
+    crm-bridge retailcrm extensions set ENTERPRISE USER=NUMBER ...   # USER= removes one
 
 Each prints one paragraph saying what happened (stdout on success, stderr on failure) and
 exits 0 on success, 1 on failure. No secret is ever printed: the API key is read from a
 file or standard input (never from the command line, where ``ps`` and shell histories see
-it), encrypted at once and stored encrypted; ``configure`` validates everything before it
-writes anything, and never touches the managers' numbers. Each command builds what it needs
-(a small pool, an HTTP session with timeouts, the adapter) and closes it before exiting.
+it), encrypted at once and stored encrypted. ``configure`` and ``extensions set`` go
+through the adapter's ``write_settings`` and ``save_extensions``, the very code the admin
+pages and the JSON API call: everything is validated before anything is written, and
+``configure`` never touches the managers' numbers. Each command builds what it needs (a
+small pool, an HTTP session with timeouts, the adapter) and closes it before exiting.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,7 +42,7 @@ from daemon.crypto import Crypto
 from daemon.errors import ConfigError
 from daemon.integrations import load
 from daemon.integrations.base import AdapterDeps, RegistrationResult
-from daemon.integrations.retailcrm import RetailCrmAdapter
+from daemon.integrations.retailcrm import RetailCrmAdapter, account
 from daemon.integrations.retailcrm import config as cfg
 from daemon.settings import Settings
 
@@ -78,8 +85,37 @@ def register(subparsers: Any) -> None:
                         help="switch the integration off")
     configure.add_argument("--api-key", action=_RefuseKeyArgument, help=argparse.SUPPRESS)
     configure.add_argument("--time-zone", help="the Asterisk hosts' IANA zone, e.g. Europe/Minsk")
+    configure.add_argument("--crm-time-zone",
+                           help="the RetailCRM account's IANA zone (default: --time-zone)")
     configure.add_argument("--region", help="default phone region, e.g. BY")
+    for name, what in SWITCH_HELP.items():
+        configure.add_argument(f"--{name.replace('_', '-')}", dest=name,
+                               action=argparse.BooleanOptionalAction, help=what)
+    configure.add_argument("--site-code", help="the RetailCRM site (shop) code of the lines")
+    lines = configure.add_mutually_exclusive_group()
+    lines.add_argument("--external-phone", action="append", metavar="LINE=PHONE",
+                       help="a line's own number (repeat for each line; replaces the list)")
+    lines.add_argument("--no-external-phones", action="store_true",
+                       help="forget every line's number")
     configure.set_defaults(handler=_configure)
+    numbers = sub.add_parser("extensions", help="the managers' internal numbers")
+    numbers_sub = numbers.add_subparsers(dest="extensions_command", required=True)
+    show = numbers_sub.add_parser("show", help="print the managers' numbers")
+    show.add_argument("enterprise", help="the enterprise number")
+    show.set_defaults(handler=_extensions_show)
+    assign = numbers_sub.add_parser(
+        "set", help="assign numbers (a number another manager has moves; USER= removes)")
+    assign.add_argument("enterprise", help="the enterprise number")
+    assign.add_argument("assignments", nargs="+", metavar="USER=NUMBER",
+                        help="RetailCRM user id = internal number")
+    assign.set_defaults(handler=_extensions_set)
+
+
+SWITCH_HELP: Final = {
+    "popup_incoming": "call cards of incoming calls", "popup_outgoing": "of outgoing calls",
+    "popup_hangup": "hangup events", "upload_history": "upload finished calls",
+    "upload_recordings": "with their recordings", "log_internal": "internal calls too",
+}
 
 
 class _RefuseKeyArgument(argparse.Action):
@@ -182,29 +218,62 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
 
 def _configure(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        api_key = _read_key(args.api_key_file) if args.api_key_file else None
-        values = _values(args)
+        changes = _changes(args)
+        account.encode(changes, Crypto(settings.encryption_keys, settings.secret_key))
     except ConfigError as exc:
         print(f"Nothing was saved: {exc}.", file=sys.stderr, flush=True)
         return EXIT_FAILED
-    if not values and api_key is None:
+    if not changes:
         print("Nothing to save: give --domain, --api-key-file, --enable/--disable, "
-              "--time-zone or --region.", file=sys.stderr, flush=True)
+              "--time-zone, --region or another setting (see --help).", file=sys.stderr,
+              flush=True)
         return EXIT_FAILED
 
     async def work(tools: _Tools) -> tuple[bool, str]:
-        if api_key is not None:
-            values["api_key"] = tools.crypto.encrypt(api_key)
-        row = await store.load_enterprise(tools.pool, cfg.KEY, args.enterprise)
-        if row is None:
+        if await store.load_enterprise(tools.pool, cfg.KEY, args.enterprise) is None:
             return False, f"Nothing was saved: there is no enterprise {args.enterprise}."
-        current = (row["integrations_config"] or {}).get(cfg.KEY) or {}
         try:
-            config = cfg.parse({**current, **values}, tools.crypto)
+            view = await tools.adapter.write_settings(args.enterprise, changes)
         except ConfigError as exc:
             return False, f"Nothing was saved: {exc}."
-        await cfg.write_keys(tools.pool, args.enterprise, values)
-        return True, _configured(args.enterprise, config, api_key is not None)
+        return True, _configured(args.enterprise, view, "api_key" in changes)
+
+    return _run(settings, work)
+
+
+def _extensions_show(args: argparse.Namespace, settings: Settings) -> int:
+    async def work(tools: _Tools) -> tuple[bool, str]:
+        if await store.load_enterprise(tools.pool, cfg.KEY, args.enterprise) is None:
+            return False, f"There is no enterprise {args.enterprise}."
+        mapped = await tools.adapter.extensions(args.enterprise)
+        listed = ", ".join(f"manager {uid} → {number}" for uid, number in mapped.items())
+        return True, (f"Enterprise {args.enterprise}: {listed}." if listed else
+                      f"Enterprise {args.enterprise}: no manager has an internal number.")
+
+    return _run(settings, work)
+
+
+def _extensions_set(args: argparse.Namespace, settings: Settings) -> int:
+    assignments: dict[str, str | None] = {}
+    for item in args.assignments:
+        user, sep, number = item.partition("=")
+        if not sep or not user.strip():
+            print(f"Nothing was saved: {item[:40]!r}: expected USER=NUMBER (USER= removes).",
+                  file=sys.stderr, flush=True)
+            return EXIT_FAILED
+        assignments[user.strip()] = number.strip() or None
+
+    async def work(tools: _Tools) -> tuple[bool, str]:
+        if await store.load_enterprise(tools.pool, cfg.KEY, args.enterprise) is None:
+            return False, f"Nothing was saved: there is no enterprise {args.enterprise}."
+        try:
+            saved = await tools.adapter.save_extensions(args.enterprise, assignments)
+        except ConfigError as exc:
+            return False, f"Nothing was saved: {exc}."
+        text = saved.message
+        if saved.warnings:
+            text += " Warnings: " + " ".join(saved.warnings)
+        return True, text
 
     return _run(settings, work)
 
@@ -227,25 +296,38 @@ def _read_key(source: str) -> str:
     return key
 
 
-def _values(args: argparse.Namespace) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    if args.domain is not None:
-        values["domain"] = cfg.normalize_domain(args.domain)
-    if args.enabled is not None:
-        values["enabled"] = args.enabled
-    if args.time_zone is not None:
-        values["time_zone"] = args.time_zone.strip()
-    if args.region is not None:
-        values["region"] = args.region.strip().upper()
-    return values
+def _changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given, as a partial update of the settings (the API's field names)."""
+    changes: dict[str, Any] = {}
+    if args.api_key_file:
+        changes["api_key"] = _read_key(args.api_key_file)
+    for name in ("domain", "enabled", "time_zone", "crm_time_zone", "region", "site_code",
+                 *SWITCH_HELP):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    if args.no_external_phones:
+        changes["external_phones"] = {}
+    elif args.external_phone:
+        phones: dict[str, str] = {}
+        for item in args.external_phone:
+            line, sep, phone = item.partition("=")
+            if not sep:
+                raise ConfigError("external_phones", f"{item[:40]!r}: expected LINE=PHONE")
+            phones[line.strip()] = phone.strip()
+        changes["external_phones"] = phones
+    return changes
 
 
-def _configured(enterprise: str, config: cfg.RetailCrmConfig, new_key: bool) -> str:
+def _configured(enterprise: str, view: Mapping[str, Any], new_key: bool) -> str:
     key = "replaced (stored encrypted)" if new_key else (
-        "unchanged" if config.api_key else "not set")
-    state = "on" if config.enabled else "off"
+        "unchanged" if view["api_key_set"] else "not set")
+    state = "on" if view["enabled"] else "off"
+    switches = ", ".join(name for name in SWITCH_HELP if view[name]) or "none"
     return (f"Saved the RetailCRM settings of enterprise {enterprise}: domain "
-            f"{config.domain or 'not set'}, API key {key}, integration {state}, time zone "
-            f"{config.time_zone}, phone region {config.region}; "
-            f"{len(config.user_extensions)} manager number(s) kept. Next: crm-bridge "
-            f"retailcrm test {enterprise}, then crm-bridge retailcrm register {enterprise}.")
+            f"{view['domain'] or 'not set'}, API key {key}, integration {state}, time zone "
+            f"{view['time_zone']}, phone region {view['region']}, switches on: {switches}, "
+            f"{len(view['external_phones'])} line number(s), site code "
+            f"{view['site_code'] or 'not set'}; {len(view['user_extensions'])} manager "
+            f"number(s) kept. Next: crm-bridge retailcrm test {enterprise}, then crm-bridge "
+            f"retailcrm register {enterprise}.")

@@ -1,31 +1,48 @@
 """RetailCRM mapping, pure: a platform call event (and its call) → RetailCRM requests.
 
-Owns what RetailCRM sees of each call (EVENTS.md "What RetailCRM should see"; wire format in
-RETAILCRM.md). :func:`plan` turns the event being delivered, with every stored event of the
-same call, into a :class:`Plan`: the ``event`` object for ``POST /api/v5/telephony/call/event``
-and/or one ``calls`` item for ``POST /api/v5/telephony/calls/upload``, or why nothing is sent.
-No I/O, no clock: the caller reads the call's events from the database, so a restart loses
-nothing (the ringing codes and the answerer are always re-derived from the stored events).
+Owns what RetailCRM sees of each call (docs/events.md, "What RetailCRM receives"; wire
+format in docs/retailcrm.md). :func:`plan` turns the event being delivered, with every stored
+event of the same call, into a :class:`Plan`: the ``event`` object for ``POST
+/api/v5/telephony/call/event`` and/or one ``calls`` item for ``POST
+/api/v5/telephony/calls/upload``, or why nothing is sent. No I/O, no clock: the caller reads
+the call's events from the database, so a restart loses nothing (the ringing codes and the
+answerer are always re-derived from the stored events).
 
-Mapping (the first matching row wins; the switches are :class:`MappingOptions` fields):
+The call's direction (in, out, internal) and whether it was answered are decided from ALL
+its stored events, in any arrival order, never from the delivered event alone
+(:func:`daemon.calls.direction`, :func:`daemon.calls.answered`): the first start's or
+dial's ``CallType`` wins over a hangup's, a call with an outside ``Phone`` is never
+internal, and a bridge of the customer with an internal number means answered.
 
-| event    | condition                                | call/event                 | upload   |
-|----------|------------------------------------------|----------------------------|----------|
-| start    | — (feeds the fold only)                  | skip ``no_request``        | —        |
-| bridge   | — (feeds the fold: who answered)         | skip ``no_request``        | —        |
-| any      | same content as an earlier event         | skip ``duplicate``         | —        |
-| any      | CallType 2 + ExternalInitiated (c2c leg) | skip ``click_to_call_leg`` | — always |
-| any      | CallType 2, ``log_internal`` off         | skip ``internal_call``     | —        |
-| dial     | the call's hangup was stored before it   | skip ``late_dial``         | —        |
-| dial     | CallType 2, ``log_internal`` on          | ``internal_call_no_popup`` | —        |
-| dial     | CallType 0, ``popup_incoming``           | ``type=in`` (1)            | —        |
-| dial     | CallType 1, ``popup_outgoing``           | ``type=out`` (2)           | —        |
-| hangup   | CallType 0/1                             | ``type=hangup`` (3)        | item (4) |
-| hangup   | CallType 2, ``log_internal`` on          | —                          | item (5) |
-| download | as a hangup                              | — (never a popup)          | item (4) |
+Mapping (the first matching row wins; "call" is the call's direction; the switches are
+:class:`MappingOptions` fields):
 
-(1) phone = the caller normalised, codes = every ringing extension of this dial that is an
-internal number (every ringing manager gets the card), userIds = their managers.
+| event    | condition                                 | call/event                 | upload   |
+|----------|-------------------------------------------|----------------------------|----------|
+| start    | — (feeds the fold only)                   | skip ``no_request``        | —        |
+| bridge   | — (feeds the fold: who answered)          | skip ``no_request``        | —        |
+| any      | same content as an earlier event          | skip ``duplicate``         | —        |
+| dial     | CallType 2 + ExternalInitiated (c2c leg)  | skip ``click_to_call_leg`` | —        |
+| any      | nothing in the call gives a direction     | skip ``no_direction``      | —        |
+| any      | call internal + ExternalInitiated         | skip ``click_to_call_leg`` | — always |
+| any      | call internal, ``log_internal`` off       | skip ``internal_call``     | —        |
+| dial     | the call's hangup was stored before it    | skip ``late_dial``         | —        |
+| dial     | call internal, ``log_internal`` on        | ``internal_call_no_popup`` | —        |
+| dial     | call incoming, ``popup_incoming``         | ``type=in`` (1)            | —        |
+| dial     | call outgoing, ``popup_outgoing``         | ``type=out`` (2)           | —        |
+| hangup   | call incoming or outgoing                 | ``type=hangup`` (3)        | item (4) |
+| hangup   | call internal, ``log_internal`` on        | —                          | item (5) |
+| download | as a hangup                               | — (never a popup)          | item (4) |
+
+``late_dial``: a dial stored after its call's hangup arrives when the call is over; a card
+opened now would never be closed (the hangup's ``call/event`` has gone), so none is. The
+dial still counts: its ringing extensions are part of the call, so the hangup's history
+upload, planned again with every stored event (a settle window after the hangup), names the
+ringing manager. ``no_direction`` is not a fault: replaying cannot fix it.
+
+(1) phone = the caller normalised (an outside number before an extension: a transfer's dial
+may name the transferring extension), codes = every ringing extension of this dial that is
+an internal number (every ringing manager gets the card), userIds = their managers.
 (2) phone = the dialled number, codes = the caller's extension (the dial's ``Extensions``).
 (3) if ``popup_hangup``: ``hangupStatus``; codes = every internal extension that rang in any
 dial, the hangup's own internal ``Extensions``, and the call's owner (see below).
@@ -51,6 +68,8 @@ when the body has one and the call was not answered):
 CallStatus        DialStatus / Disposition       hangupStatus      upload ``result``
 ================  =============================  ================  ==================
 "2", "5" (talk)   any                            answered          answered
+any               — the customer was bridged     answered          answered
+                  with an internal number
 absent            — and the call has a bridge    answered          answered
 other             BUSY                           busy              busy
 other             CANCEL                         cancel            no answer
@@ -63,17 +82,21 @@ other             CONGESTION/CHANUNAVAIL/FAILED  failed            failed
 The upload never says ``no answered`` (that is the hangup event's spelling only).
 
 Who the call belongs to (the upload's ``code``/``userId``; also added to the hangup's codes):
-incoming answered → :func:`daemon.calls.answerer` (the last bridged internal extension, else
-the hangup's ``InternalCode``/``Extensions``), else the only internal extension that rang;
+incoming answered → :func:`daemon.calls.answerer` (the internal number last bridged with the
+customer, else the last bridged internal extension, else the hangup's
+``InternalCode``/``Extensions``), else the only internal extension that rang;
 incoming missed → the last ringing internal extension that has a manager, else the last
 ringing internal extension, else the hangup's own ``InternalCode``/``Extensions``;
 outgoing → the caller's extension (the dial's), else the answerer evidence; internal (logged)
 → the calling extension (``Phone``), the upload's ``phone`` being the called extension.
 
-Times: ``date`` is the hangup's ``StartTime``, falling back to ``DateReceived`` (host-local,
-read in ``host_zone``, sent in ``crm_zone`` as ``Y-m-d H:i:s``), else the server's receipt
-time of the hangup. ``duration`` = seconds from that start to ``EndTime`` when answered, else
-0, never negative. ``durationWaiting`` is only derived from the hangup's own host clock:
+Times: ``date`` is the hangup's ``StartTime``, else the earliest ``StartTime``/``DateReceived``
+of the call's events (host-local, read in ``host_zone``, sent in ``crm_zone`` as
+``Y-m-d H:i:s``), else when crm-bridge stored the call's first event
+(:attr:`daemon.calls.CallState.started_at`). ``duration`` = seconds from that start to
+``EndTime`` when answered, else 0, never negative. Among several dials of one call, "last
+ringing" means last stored: dials carry no time. ``durationWaiting`` is only derived from
+the hangup's own host clock:
 answered → ``StartTime − DateReceived`` (both present, ``StartTime`` taken as the answer);
 missed → ``EndTime − start``; omitted when a time is missing or the difference is negative.
 """
@@ -87,15 +110,14 @@ from enum import StrEnum
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
-from daemon import phones
-from daemon.calls import CallEvent, CallState, CallType, MalformedEvent, answerer, fold_call
+from daemon import calls, phones
+from daemon.calls import CallEvent, CallState, CallType, answerer, fold_call
 
 T = TypeVar("T")
 
-UPLOAD_BATCH_SIZE = 50  # calls per calls/upload request (RETAILCRM.md, unconfirmed limit)
+UPLOAD_BATCH_SIZE = 50  # calls per calls/upload request (docs/retailcrm.md; unconfirmed)
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"  # RetailCRM's Y-m-d H:i:s
 
-_ANSWERED_STATUSES = frozenset({"2", "5"})
 _REFINED: Mapping[str, tuple[str, str]] = {
     "BUSY": ("busy", "busy"),
     "CANCEL": ("cancel", "no answer"),
@@ -114,7 +136,8 @@ class Skip(StrEnum):
     CLICK_TO_CALL_LEG = "click_to_call_leg"  # an intermediate leg, not a call of its own
     INTERNAL_CALL = "internal_call"  # log_internal is off
     INTERNAL_CALL_NO_POPUP = "internal_call_no_popup"  # logged internal calls: history only
-    LATE_DIAL = "late_dial"  # the call's hangup was stored before this dial
+    LATE_DIAL = "late_dial"  # the call's hangup was stored before this dial: no card
+    NO_DIRECTION = "no_direction"  # nothing in the call tells incoming, outgoing, internal
     POPUP_INCOMING_OFF = "popup_incoming_off"
     POPUP_OUTGOING_OFF = "popup_outgoing_off"
     POPUP_HANGUP_OFF = "popup_hangup_off"
@@ -193,19 +216,24 @@ def plan(current: CallEvent, call: Sequence[CallEvent], options: MappingOptions)
     """Decide what RetailCRM gets for ``current`` (see the module's tables).
 
     ``call`` is every stored event of the same call (it may or may not include ``current``,
-    and may include events stored after it). Raises :class:`MalformedEvent` (``CallType``)
-    when neither ``current`` nor any event of its call says the direction.
+    and may include events stored after it). The call's direction and outcome are decided
+    from all of them (:func:`daemon.calls.direction`, :func:`daemon.calls.answered`), never
+    from ``current`` alone; a call nothing gives a direction is skipped (``no_direction``).
+    ``Plan.event`` and ``Plan.upload`` are each meaningful alone: a caller may send one now
+    and plan the event again later for the other.
     """
     if current.event_type in ("start", "bridge"):
         return Plan.skip(Skip.NO_REQUEST)
     state = fold_call([*call, current])
     if current.id not in {e.id for e in state.events}:
         return Plan.skip(Skip.DUPLICATE)
-    direction = current.call_type if current.call_type is not None else state.call_type
+    if current.event_type == "dial" and current.is_click_to_call_leg:
+        return Plan.skip(Skip.CLICK_TO_CALL_LEG)
+    direction = calls.direction(state, options.is_internal)
     if direction is None:
-        raise MalformedEvent("CallType", "missing on this event and on every event of its call")
+        return Plan.skip(Skip.NO_DIRECTION)
     if direction is CallType.INTERNAL:
-        if current.external_initiated or state.external_initiated:
+        if state.external_initiated:
             return Plan.skip(Skip.CLICK_TO_CALL_LEG)
         if not options.log_internal:
             return Plan.skip(Skip.INTERNAL_CALL)
@@ -227,8 +255,8 @@ def _plan_dial(
     codes = [x for x in dict.fromkeys(dial.extensions) if options.is_internal(x)]
     if not codes:
         return Plan.skip(Skip.NO_INTERNAL_EXTENSION)
-    raw = dial.phone or (dial.ext_phone if incoming else "") or state.phone
-    phone, parsed = phones.normalize_ex(raw, options.region)
+    phone, parsed = phones.normalize_ex(_dial_phone(dial, state, incoming, options),
+                                        options.region)
     if not phone:
         return Plan.skip(Skip.NO_PHONE)
     event = {
@@ -240,6 +268,14 @@ def _plan_dial(
     }
     _add_external_phone(event, dial.trunk or state.trunk, options)
     return Plan(event, None, None, phone_unparsed=not parsed)
+
+
+def _dial_phone(dial: CallEvent, state: CallState, incoming: bool, options: MappingOptions) -> str:
+    """The other party a dial's card shows: the dial's ``Phone`` (incoming: else its
+    ``ExtPhone``), else the call's; an outside number before an extension, since a
+    transfer's dial may name the transferring extension rather than the customer."""
+    found = [x for x in (dial.phone, dial.ext_phone if incoming else "", state.phone) if x]
+    return next((x for x in found if not options.is_internal(x)), found[0] if found else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +296,7 @@ def _plan_ending(
 ) -> Plan:
     """A hangup (live: popup + upload) or a download (upload only)."""
     hangup = state.hangup or current
-    status, result, answered = _outcome(hangup, state)
+    status, result, answered = _outcome(hangup, state, options)
     raw = _internal_callee(state, options) if direction is CallType.INTERNAL else state.phone
     phone, parsed = phones.normalize_ex(raw, options.region)
     owner = _owner(state, direction, answered, options)
@@ -285,15 +321,16 @@ def _plan_ending(
     return Plan(event, upload, None, phone_unparsed=bool(phone) and not parsed)
 
 
-def _outcome(hangup: CallEvent, state: CallState) -> tuple[str, str, bool]:
+def _outcome(
+    hangup: CallEvent, state: CallState, options: MappingOptions
+) -> tuple[str, str, bool]:
     """``(hangupStatus, upload result, answered)`` per the module's status table."""
-    status = hangup.call_status
-    if status in _ANSWERED_STATUSES or (not status and state.answered_in_bridge):
+    if calls.answered(state, options.is_internal):
         return "answered", "answered", True
     refined = _REFINED.get(hangup.dial_status)
     if refined is not None:
         return refined[0], refined[1], False
-    if status == "0":
+    if hangup.call_status == "0":
         return "no answered", "no answer", False
     return "failed", "unknown", False
 
@@ -354,7 +391,7 @@ def _upload(state: CallState, ending: _Ending, options: MappingOptions) -> dict[
     """One ``calls`` item: history, result, times, owner and recording."""
     started = _aware(state.started_at, options)
     ended = _aware(ending.hangup.end_time, options)
-    date = started or ending.hangup.received_at
+    date = started or state.first_stored_at
     item: dict[str, Any] = {
         "date": date.astimezone(options.crm_zone).strftime(DATE_FORMAT),
         "type": "in" if ending.direction is CallType.INCOMING else "out",

@@ -25,78 +25,31 @@ the enterprise's numbers with their owners and whether a manager has taken them.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from daemon import store
 from daemon.errors import ConfigError, Permanent
-from daemon.integrations.base import CrmUser, RegistrationResult
+from daemon.integrations.base import (
+    CrmUser,
+    ExtensionMismatch,
+    ExtensionMove,
+    ExtensionsSaved,
+    InternalNumber,
+    ManagersView,
+    RegistrationResult,
+)
 from daemon.integrations.retailcrm import config as cfg
 from daemon.integrations.retailcrm.client import RetailCrmClient
 
 FIELD = "user_extensions"
 
 
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    """A manager whose number differs between the local map and RetailCRM's module."""
-
-    user_id: str
-    local: str | None
-    remote: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ManagersView:
-    """Active RetailCRM users with their numbers, and where the two sides disagree.
-
-    ``module_registered`` is False when RetailCRM has no module of ours (nothing to merge).
-    """
-
-    managers: tuple[CrmUser, ...]
-    mismatches: tuple[Mismatch, ...]
-    module_registered: bool
-
-
-@dataclass(frozen=True, slots=True)
-class InternalNumber:
-    """One internal number of the enterprise: its platform owner and the manager on it."""
-
-    number: str
-    owner: str | None
-    manager_id: str | None
-
-    @property
-    def taken(self) -> bool:
-        """Whether a RetailCRM manager has this number."""
-        return self.manager_id is not None
-
-
-@dataclass(frozen=True, slots=True)
-class Move:
-    """A number that left one manager for another because of an assignment."""
-
-    number: str
-    from_user: str
-    to_user: str
-
-
-@dataclass(frozen=True, slots=True)
-class SaveResult:
-    """The outcome of saving an assignment set (the local save always happened).
-
-    ``synced``: RetailCRM has the new codes; ``sync_pending``: it does not yet and the
-    reconciliation will retry; neither: the integration is not connected.
-    """
-
-    user_extensions: Mapping[str, str]
-    moves: tuple[Move, ...]
-    synced: bool
-    sync_pending: bool
-    message: str
-    warnings: tuple[str, ...] = ()
+# The views are the core's (the admin pages and the API show them for any CRM).
+Mismatch = ExtensionMismatch
+Move = ExtensionMove
+SaveResult = ExtensionsSaved
 
 
 def remote_codes(module: Mapping[str, Any] | None) -> dict[str, str]:
@@ -206,7 +159,7 @@ async def save(pool: asyncpg.Pool, enterprise: str,
         exists, raw = await store.lock_integration_config(conn, enterprise, cfg.KEY)
         if not exists:
             raise ConfigError("enterprise", f"there is no enterprise {enterprise[:20]!r}")
-        current = _stored_map(raw)
+        current = stored_map(raw)
         allowed = frozenset(r["phone_number"] for r in await store.internal_phones(conn,
                                                                                    enterprise))
         new, moves = apply(current, assignments, allowed)
@@ -237,7 +190,8 @@ async def save_and_sync(
                       f"a few minutes.{moved}")
 
 
-def _stored_map(raw: Mapping[str, Any] | None) -> dict[str, str]:
+def stored_map(raw: Mapping[str, Any] | None) -> dict[str, str]:
+    """``user_extensions`` of a stored (raw) configuration; {} when absent or malformed."""
     value = (raw or {}).get(FIELD) or {}
     if not isinstance(value, Mapping):
         return {}

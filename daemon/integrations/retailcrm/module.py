@@ -1,7 +1,7 @@
 """The telephony module crm-bridge registers in each enterprise's RetailCRM account.
 
-Owns the ``integrationModule`` object (RETAILCRM.md, "The module object") and its life
-cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
+Owns the ``integrationModule`` object (docs/retailcrm.md, "The module registration") and its
+life cycle in one account: :func:`build` makes the object (pure), :class:`Registrar` registers,
 re-syncs and unregisters it, keeping the stored configuration in step.
 
 What the module says (``<base>`` = ``CRM_BRIDGE_PUBLIC_URL`` + ``/retailcrm``):
@@ -245,7 +245,8 @@ class Registrar:
                  "link and the old clientId are revoked; the managers' numbers are kept.")
         if remote.ok:
             return RegistrationResult(ok=True, message=f"{remote.message} {local}",
-                                      warnings=remote.warnings)
+                                      warnings=remote.warnings,
+                                      unknown_users=remote.unknown_users)
         return RegistrationResult(
             ok=False, error_id=remote.error_id, details=remote.details,
             message=f"RetailCRM was not updated: {remote.message} {local}")
@@ -411,4 +412,5 @@ def _success(answer: Mapping[str, Any], config: cfg.RetailCrmConfig,
             ("hangup", config.popup_hangup)))
         message += (f": {len(config.user_extensions)} manager extension(s), call cards "
                     f"{switches}.")
-    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings))
+    return RegistrationResult(ok=True, message=message, warnings=tuple(warnings),
+                              unknown_users=tuple(unknown))
