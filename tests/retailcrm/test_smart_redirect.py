@@ -20,6 +20,7 @@ from daemon.pbx import TRANSFER_PATH
 from daemon.pbx_simulator import PbxSimulator
 from tests.conftest import TEST_SERVICE_TOKEN
 from tests.retailcrm.conftest import CALLER, CLIENT_ID, ENTERPRISE, OTHER, Telephony
+from tests.support import openapi
 from tests.support.daemon import InProcess
 from tests.support.waiting import wait_until
 
@@ -31,10 +32,12 @@ DEADLINE_S = 0.4
 async def ask(http: aiohttp.ClientSession, daemon: InProcess, path: str = "/api/smart-redirect",
               *, method: str = "GET", json: Any = None, expect: int = 200,
               **params: str) -> dict[str, Any]:
+    """One request; its answer checked against docs/openapi.yaml."""
     async with http.request(method, daemon.url + path, params=params, json=json,
                             headers=AUTH) as response:
         body: dict[str, Any] = await response.json()
         assert response.status == expect, body
+        openapi.check(method, path, response.status, body)
         return body
 
 
