@@ -19,6 +19,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
+from yarl import URL
 
 from daemon.crypto import Crypto
 from daemon.integrations.retailcrm import config as cfg
@@ -305,3 +306,14 @@ async def test_a_secret_pasted_into_a_field_reaches_neither_the_row_nor_the_answ
     assert len(rows) == 6
     for secret in (CLIENT_ID, f"secret-{ENTERPRISE}"):
         assert not any(secret[:12] in text for text in texts), secret
+
+
+async def test_a_plus_sent_unencoded_in_the_query_is_still_a_plus(
+    daemon: InProcess, pbx: PbxSimulator, http: aiohttp.ClientSession
+) -> None:
+    # "+" in a query string decodes as a space; a client that does not encode it sends this.
+    raw = URL(f"{daemon.url}{PATH}?clientId={CLIENT_ID}&code=101&phone=+375291234567",
+              encoded=True)
+    async with http.get(raw) as response:
+        assert (response.status, await response.json()) == (200, {"success": True})
+    assert pbx.received(ORIGINATE_PATH)[-1].query["phone"] == "+375291234567"

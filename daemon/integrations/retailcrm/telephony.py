@@ -45,6 +45,7 @@ MAKE_CALL_EVENT: Final = "make_call"
 LOGGED: Final[tuple[str, ...]] = ("code", "phone", "userId", "externalPhone")
 _USER_ID: Final = re.compile(r"[0-9]{1,12}")
 _CODE: Final = re.compile(r"[0-9]{1,20}")
+_PLUS_DECODED: Final = re.compile(r" [0-9]{3,18}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +75,9 @@ async def make_call(deps: CallbackDeps, enterprise: str, config: RetailCrmConfig
     """Place the call RetailCRM asked for (see the module docstring); logs one row."""
     # A secret pasted into a field must not reach the row or an answer, even cut short.
     fields = _masked(params, config.secrets())
+    phone = fields.get("phone", "")
+    if _PLUS_DECODED.fullmatch(phone):  # "+375…" sent unencoded in a query reads " 375…"
+        fields["phone"] = "+" + phone[1:]
     request: dict[str, Any] = {k: shown(fields[k]) for k in LOGGED if k in fields}
     extension: str | None = None
     try:
