@@ -119,7 +119,8 @@ class SmartRedirect:
 
     def __init__(self, cache: ConfigCache, adapter: Adapter, pool: asyncpg.Pool,
                  audit: AuditLog, pbx: Pbx, metrics: Metrics, *, deadline_s: float,
-                 lookup_timeout_s: float, clock: Clock = time.monotonic) -> None:
+                 lookup_timeout_s: float, max_cached: int = MAX_CACHED,
+                 clock: Clock = time.monotonic) -> None:
         self._cache = cache
         self._adapter = adapter
         self._pool = pool
@@ -129,6 +130,7 @@ class SmartRedirect:
         self.deadline_s = deadline_s
         self.lookup_timeout_s = max(lookup_timeout_s, deadline_s)
         self._clock = clock
+        self._max_cached = max_cached
         self._found: dict[tuple[str, str], _Found] = {}
         self._lookups: dict[tuple[str, str], asyncio.Task[_Found]] = {}
         self._abandoned: set[tuple[str, str]] = set()
@@ -252,6 +254,10 @@ class SmartRedirect:
             log.warning("routing_lookup_failed", enterprise=entry.enterprise,
                         error=exc.error_id)
             found = _Found(None, exc.error_id, self._clock() + FAILURE_TTL_S)
+        except Exception:  # a bug of the adapter: counted and logged, the call still routed
+            self._metrics.bug_errors.inc()
+            log.exception("routing_lookup_crashed", enterprise=entry.enterprise)
+            found = _Found(None, "bug", self._clock() + FAILURE_TTL_S)
         else:
             ttl = POSITIVE_TTL_S if who.manager_id is not None else NEGATIVE_TTL_S
             found = _Found(who, None, self._clock() + ttl)
@@ -259,11 +265,12 @@ class SmartRedirect:
         return found
 
     def _remember(self, cache_key: tuple[str, str], found: _Found) -> None:
-        if len(self._found) >= MAX_CACHED:
+        if len(self._found) >= self._max_cached:
             now = self._clock()
-            self._found = {k: v for k, v in self._found.items() if v.expires_at > now}
-            while len(self._found) >= MAX_CACHED:  # still full: the oldest go
-                del self._found[next(iter(self._found))]
+            fresh = {k: v for k, v in self._found.items() if v.expires_at > now}
+            if len(fresh) >= self._max_cached:  # still full: the oldest tenth go, at once
+                fresh = dict(list(fresh.items())[self._max_cached // 10:])
+            self._found = fresh
         self._found.pop(cache_key, None)
         self._found[cache_key] = found
 
@@ -273,9 +280,7 @@ class SmartRedirect:
         self._abandoned.discard(cache_key)
         if task.cancelled():
             return
-        if (exc := task.exception()) is not None:
-            log.error("routing_lookup_crashed", enterprise=cache_key[0], exc_info=exc)
-        elif abandoned:
+        if abandoned:
             self._metrics.routing_lookups.labels("late").inc()
             log.info("routing_lookup_late", enterprise=cache_key[0])
 
