@@ -3,17 +3,20 @@
 SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
+PYTHON ?= python3
 DEVENV := deploy/devenv.sh
 
-.PHONY: help run test lint migrate bench clean system venv
+.PHONY: help run stop test lint docs migrate bench clean system venv
 
 help:
 	@echo "make run      run the daemon (throwaway local PostgreSQL unless CRM_BRIDGE_DATABASE_URL is set)"
+	@echo "make stop     stop the throwaway local PostgreSQL that make run started"
 	@echo "make test     run the whole test suite against a real PostgreSQL"
 	@echo "make lint     ruff + mypy --strict on daemon/ and web/"
+	@echo "make docs     rewrite the generated tables of docs/ (configuration reference, metrics)"
 	@echo "make migrate  apply the migrations to CRM_BRIDGE_DATABASE_URL (or the local DB)"
 	@echo "make bench    run the benchmarks and print a table"
-	@echo "make clean    remove the virtualenv, caches and the local database"
+	@echo "make clean    stop and delete the local database (and dev mode's secrets), the virtualenv, caches"
 
 system:
 	@$(DEVENV) system
@@ -22,13 +25,21 @@ venv: system
 	@$(DEVENV) venv
 
 run: venv
-	@set -e; url=$$($(DEVENV) database); \
+	@set -e; local_db=$$([ -n "$${CRM_BRIDGE_DATABASE_URL:-}" ] || echo yes); \
+	url=$$($(DEVENV) database); \
 	export CRM_BRIDGE_DATABASE_URL="$$url"; \
 	if [ -z "$${CRM_BRIDGE_SECRET_KEY:-}" ]; then export CRM_BRIDGE_DEV_MODE=1; fi; \
 	$(BIN)/crm-bridge migrate; \
 	echo "crm-bridge: database $$url"; \
-	echo "crm-bridge: serving on http://$${CRM_BRIDGE_HOST:-127.0.0.1}:$${CRM_BRIDGE_PORT:-8019}/health"; \
+	if [ "$$local_db" = yes ]; then \
+	    echo "crm-bridge: this throwaway PostgreSQL (.pgdata) keeps running after crm-bridge"\
+	         "stops: make stop stops it, make clean deletes it"; \
+	fi; \
 	exec $(BIN)/crm-bridge run
+
+stop:
+	@if [ -d .pgdata ]; then $(PYTHON) -m daemon.pgcluster stop .pgdata && \
+	    echo "stopped the throwaway PostgreSQL in .pgdata (make run starts it again)"; fi
 
 migrate: venv
 	@set -e; url=$$($(DEVENV) database); CRM_BRIDGE_DATABASE_URL="$$url" $(BIN)/crm-bridge migrate
@@ -40,10 +51,13 @@ lint: venv
 	$(BIN)/ruff check daemon web tests bench
 	$(BIN)/mypy
 
+docs: venv
+	$(BIN)/python -m daemon.reference
+
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	-@[ -d .pgdata ] && $(BIN)/python -m daemon.pgcluster destroy .pgdata || true
+	-@[ -d .pgdata ] && $(PYTHON) -m daemon.pgcluster destroy .pgdata || true
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist .bench
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -279,6 +279,7 @@ class ConfigCache:
                 await self.refresh_all("full")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 log.warning("config_refresh_failed", error=type(exc).__name__)
+                self._metrics.cache_load_failures.labels("all").inc()
 
     # ------------------------------------------------------------------ building
 
@@ -351,6 +352,7 @@ class ConfigCache:
         self._background.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.warning("config_load_failed", error=type(exc).__name__)
+            self._metrics.cache_load_failures.labels("one").inc()
 
     async def close(self) -> None:
         """Cancel background loads (teardown)."""

@@ -1,25 +1,32 @@
 """The command line and composition root: ``crm-bridge run | migrate | check | admin-link | ...``.
 
 Each subcommand reads the settings it needs, configures logging, and runs one coroutine.
-Exit codes: 0 success, 1 failure (a crashed task, a failed check), 2 bad usage or settings.
+A command prints its result on stdout and logs to stderr; ``run`` logs to stdout (a
+service's log stream). An operator's mistake — bad settings, an unknown integration, a
+database that cannot be reached, a port already taken — is one line on stderr, never a
+traceback. Exit codes: 0 success, 1 failure (a crashed task, a failed check, an unreachable
+database), 2 bad usage or settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, links, logconfig, retention, runtime, store
+from daemon import __version__, db, devmode, links, logconfig, retention, runtime, sdnotify, store
 from daemon.integrations import (
     UnknownIntegration,
     available,
@@ -27,7 +34,7 @@ from daemon.integrations import (
     module_name,
 )
 from daemon.migrate import MigrationError, find_sql_dir, load_migrations, migrate, pending
-from daemon.settings import Settings, SettingsError, load, load_database
+from daemon.settings import Settings, SettingsError, load, load_database, mask_url_password
 
 log = structlog.get_logger("crm_bridge")
 
@@ -109,37 +116,97 @@ def _duration(raw: str) -> float:
     return value
 
 
+class ListenError(Exception):
+    """The HTTP server could not bind its address (taken, not ours, not allowed)."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        where = f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            text = (f"port {port} is already in use ({where}): stop what holds it, or set "
+                    f"CRM_BRIDGE_PORT to a free port (in development: CRM_BRIDGE_PORT="
+                    f"{port + 1} make run)")
+        else:
+            text = (f"cannot listen on {where}: {exc.strerror or exc}; check CRM_BRIDGE_HOST "
+                    "and CRM_BRIDGE_PORT")
+        super().__init__(text)
+
+
+class DatabaseUnreachable(Exception):
+    """A command could not reach (or use) the database at start; the message says why."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crm-bridge`` console script and ``python -m daemon``."""
     args = _parser().parse_args(argv)
+    args.environ, args.dev_env = dict(os.environ), None
     try:
+        args.environ, args.dev_env = devmode.environment(os.environ, devmode.checkout())
         handler = getattr(args, "handler", None)
         if handler is not None:
             return int(handler(args, _settings(args)))
         command: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
         return command(args)
     except SettingsError as exc:
-        print(f"crm-bridge: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _say(f"configuration error: {exc}", EXIT_USAGE)
     except MigrationError as exc:
-        print(f"crm-bridge: migration error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return _say(f"migration error: {exc}", EXIT_FAILED)
     except UnknownIntegration as exc:
-        print(f"crm-bridge: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _say(str(exc), EXIT_USAGE)
+    except ListenError as exc:
+        return _say(str(exc), EXIT_FAILED)
+    except Exception as exc:
+        reason = _database_failure(exc, args.environ)
+        if reason is None:
+            raise
+        return _say(reason, EXIT_FAILED)
+
+
+def _say(text: str, code: int) -> int:
+    print(f"crm-bridge: {text}", file=sys.stderr, flush=True)
+    return code
+
+
+# What a database that cannot be reached raises at connect time: the socket's errors
+# (refused, unresolvable host, timeout) and the server's refusals (no such database, bad
+# password, starting up or shutting down, too many connections).
+_UNREACHABLE = (
+    OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+    asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError,
+    asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+)
+
+
+def _database_failure(exc: BaseException, environ: Mapping[str, str]) -> str | None:
+    """One line saying why the database could not be used, or None for any other error."""
+    url = mask_url_password(environ.get("CRM_BRIDGE_DATABASE_URL", "")) or "(not set)"
+    detail = logconfig.scrub_text(str(exc).strip() or type(exc).__name__)
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return (f"the database at {url} is not migrated ({detail}): run crm-bridge migrate "
+                "first")
+    if isinstance(exc, _UNREACHABLE):
+        return (f"cannot reach the database at {url}: {detail} (is PostgreSQL running? "
+                "check CRM_BRIDGE_DATABASE_URL)")
+    return None
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = load(integration=getattr(args, "integration", None))
-    # The daemon logs to standard output; a one-shot command keeps it for its result.
-    stream = sys.stdout if args.command == "run" else sys.stderr
-    logconfig.configure(settings.log_format, settings.log_level, stream=stream)
-    if settings.generated:
+    settings = load(args.environ, integration=getattr(args, "integration", None))
+    _log_to(args, settings.log_format, settings.log_level)
+    if args.dev_env is not None:
+        log.warning("dev_mode", secrets_from=str(args.dev_env),
+                    note="development mode: throwaway secrets; never use it in production")
+    elif settings.generated:
         log.warning(
             "dev_mode_throwaway_secrets", variables=list(settings.generated),
             note="generated for this run only; never use dev mode in production",
         )
     return settings
+
+
+def _log_to(args: argparse.Namespace, log_format: str, level: str = "info") -> None:
+    """The daemon logs to stdout (a service's stream); a command to stderr (its stdout is
+    its result)."""
+    logconfig.configure(log_format, level, sys.stdout if args.command == "run" else sys.stderr)
 
 
 def _cmd_genkey(_args: argparse.Namespace) -> int:
@@ -149,9 +216,9 @@ def _cmd_genkey(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_migrate(_args: argparse.Namespace) -> int:
-    url, sql_dir = load_database()
-    logconfig.configure(os.environ.get("CRM_BRIDGE_LOG_FORMAT", "auto"))
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    url, sql_dir = load_database(args.environ)
+    _log_to(args, args.environ.get("CRM_BRIDGE_LOG_FORMAT", "auto"))
     return asyncio.run(_migrate(url, sql_dir))
 
 
@@ -162,13 +229,19 @@ async def _migrate(url: str, sql_dir: str) -> int:
         applied = await migrate(conn, migrations)
     finally:
         await conn.close()
-    log.info("migrations_done", applied=[m.version for m in applied],
-             latest=migrations[-1].version if migrations else None)
+    latest = migrations[-1].version if migrations else None
+    log.info("migrations_done", applied=[m.version for m in applied], latest=latest)
+    if applied:
+        print(f"applied {len(applied)} migration(s): "
+              f"{', '.join(str(m.version) for m in applied)}; the database is at {latest}")
+    else:
+        print(f"the database is up to date (at {latest})")
     return EXIT_OK
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    integration_type(settings.integration)  # UnknownIntegration: exit 2, as ``run`` does
     return asyncio.run(_check(settings))
 
 
@@ -180,8 +253,11 @@ async def _check(settings: Settings) -> int:
         await conn.close()
     if missing:
         log.error("migrations_pending", versions=[m.version for m in missing])
-        return EXIT_FAILED
+        return _say(f"migrations pending: {', '.join(str(m.version) for m in missing)}; "
+                    "run crm-bridge migrate", EXIT_FAILED)
     log.info("check_ok", settings=settings.describe())
+    print(f"ok: settings valid, integration {settings.integration}, database "
+          f"{mask_url_password(settings.database_url)} reachable and migrated")
     return EXIT_OK
 
 
@@ -244,11 +320,14 @@ async def _admin_link(settings: Settings, enterprise: str, ttl_s: float) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, args.dev_env))
 
 
-async def serve(settings: Settings) -> int:
-    """Run the daemon until SIGTERM/SIGINT (exit 0) or a crashed task (exit 1)."""
+async def serve(settings: Settings, dev_env: Path | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (exit 0) or a crashed task (exit 1).
+
+    In development mode, once it serves, it prints how to reach it (``devmode.banner``).
+    """
     from web.app import create_app
 
     async with runtime.build(settings) as rt:
@@ -257,9 +336,18 @@ async def serve(settings: Settings) -> int:
         await runner.setup()
         try:
             site = web.TCPSite(runner, settings.host, settings.port)
-            await site.start()
-            log.info("listening", url=_bound_url(runner, settings), public_url=settings.public_url,
+            try:
+                await site.start()
+            except OSError as exc:
+                rt.supervisor.stop()
+                raise ListenError(settings.host, settings.port, exc) from None
+            url = _bound_url(runner, settings)
+            log.info("listening", url=url, public_url=settings.public_url,
                      integration=rt.adapter.name, instance=settings.instance_id)
+            _notify_systemd(rt, url)
+            if settings.dev_mode:  # a terminal's message, not a log line: it shows the token
+                print(devmode.banner(url, settings.service_token, dev_env), file=sys.stderr,
+                      flush=True)
             await rt.supervisor.stopping.wait()
             log.info("stopping", reason=rt.supervisor.failed or "signal")
             await rt.supervisor.join(settings.shutdown_grace_s + 5)
@@ -268,6 +356,29 @@ async def serve(settings: Settings) -> int:
         failed = rt.supervisor.failed
     log.info("stopped", failed=failed)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _notify_systemd(rt: runtime.Runtime, url: str) -> None:
+    """Under systemd (``Type=notify``): READY=1 once the listener is connected and caught
+    up (the cache is loaded before this point), then watchdog heartbeats and STATUS=."""
+    notifier = sdnotify.Notifier()
+    if not notifier.enabled:
+        return
+    listener = rt.listener
+
+    async def ready() -> None:
+        if listener is not None:
+            await listener.caught_up.wait()
+
+    def status() -> str:
+        if listener is None:
+            feed = "poll only"
+        else:
+            feed = "listener connected" if listener.state.connected else "listener reconnecting"
+        return (f"{rt.adapter.name} on {url}: {feed}, "
+                f"{rt.dispatcher.stats()['in_flight']} deliveries in flight")
+
+    rt.supervisor.spawn("systemd-notify", notifier.run(ready(), rt.supervisor.stopping, status))
 
 
 def _bound_url(runner: web.AppRunner, settings: Settings) -> str:

@@ -98,7 +98,7 @@ def _forget(times: deque[float], before: float) -> None:
 
 
 class BreakerState(IntEnum):
-    """As exported in ``crm_bridge_breaker_state``."""
+    """As exported in ``crm_bridge_breaker_state`` (CLOSED only as the series' absence)."""
 
     CLOSED = 0
     HALF_OPEN = 1
@@ -288,7 +288,8 @@ class Guards:
         breaker = self._breakers.pop(enterprise, None)
         if breaker is not None and breaker.state is not BreakerState.CLOSED:
             log.info("breaker_closed", enterprise=enterprise)
-            self._metrics.breaker_state.labels(enterprise).set(BreakerState.CLOSED)
+            # A closed breaker has no series: thousands of enterprises, a handful not closed.
+            self._metrics.breaker_state.remove(enterprise)
 
     def failed(self, enterprise: str) -> None:
         """A transient failure (timeout, connection, 5xx): count it, maybe open the breaker."""

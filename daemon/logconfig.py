@@ -1,5 +1,8 @@
-"""Logging: structlog to stdout (one-shot commands: stderr), JSON in production and the
-console renderer on a terminal.
+"""Logging: structlog, JSON in production and the console renderer on a terminal.
+
+The daemon (``crm-bridge run``) logs to stdout, as structlog's doctrine wants of a service
+(journald keeps it); the other commands log to stderr, so that their stdout holds only their
+result.
 
 The standard library's loggers (aiohttp's access and server logs, asyncpg) go through the
 same processor chain, so every line has one shape. ``redact`` runs last before rendering: it
@@ -103,16 +106,16 @@ def shared_processors() -> list[Processor]:
     ]
 
 
-def configure(log_format: str = "auto", level: str = "info", *,
-              stream: TextIO | None = None) -> None:
+def configure(
+    log_format: str = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
     """Configure structlog and route the standard library's logging through it, to
-    ``stream`` (standard output by default: the daemon; one-shot commands pass standard
-    error, so their results alone are on standard output).
+    ``stream`` (default stdout).
 
     Idempotent: calling it again replaces the handler (tests and the CLI both call it).
     """
+    stream = stream or sys.stdout
     numeric = logging.getLevelName(level.upper())
-    stream = sys.stdout if stream is None else stream
     renderer = _renderer(log_format, stream)
     structlog.configure(
         processors=[

@@ -7,7 +7,11 @@ thousands of enterprises at most, and the per-enterprise series are the ones ale
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _TELEPHONY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0,
@@ -21,9 +25,11 @@ class Metrics:
     def __init__(self, integration: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # Not "instance": Prometheus sets that label on every scraped series itself (ours would
+        # become "exported_instance"); the host name, unlike host-pid, survives a restart.
         self.info = Gauge(
-            "crm_bridge_info", "Constant 1, labelled with what this process runs.",
-            ["integration", "version", "instance"], registry=r,
+            "crm_bridge_info", "Constant 1, labelled with what this process runs and where.",
+            ["integration", "version", "host"], registry=r,
         )
         # --- listener
         self.listener_connected = Gauge(
@@ -42,7 +48,7 @@ class Metrics:
             ["channel"], registry=r,
         )
         self.notification_queue_usage = Gauge(
-            "crm_bridge_notification_queue_usage",
+            "crm_bridge_notification_queue_usage_ratio",
             "pg_notification_queue_usage(): fraction of the server's NOTIFY queue in use.",
             registry=r,
         )
@@ -64,6 +70,11 @@ class Metrics:
         )
         self.cache_entries = Gauge(
             "crm_bridge_config_entries", "Enterprises in the config cache.", registry=r
+        )
+        self.cache_load_failures = Counter(
+            "crm_bridge_config_load_failures_total",
+            "Config loads that failed (the database did not answer), by scope.",
+            ["scope"], registry=r,
         )
         self.cache_invalid = Gauge(
             "crm_bridge_config_invalid_entries",
@@ -127,7 +138,8 @@ class Metrics:
         # --- guards
         self.breaker_state = Gauge(
             "crm_bridge_breaker_state",
-            "Circuit breaker per enterprise: 0 closed, 1 half-open, 2 open.",
+            "Circuit breaker per enterprise while not closed: 1 half-open, 2 open "
+            "(a closed breaker has no series).",
             ["enterprise"], registry=r,
         )
         self.rate_limited_waits = Counter(
@@ -203,5 +215,24 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        """The text exposition format of every collector."""
-        return generate_latest(self.registry)
+        """The text exposition format of every collector, without ``_created`` series."""
+        return generate_latest(_WithoutCreated(self.registry))
+
+
+class _WithoutCreated(Collector):
+    """A view of a registry that leaves out the ``<counter|histogram>_created`` samples.
+
+    They hold each series' creation time: Prometheus stores them as series of their own (one
+    more per counter and histogram, for nothing an alert or a graph uses here).
+    ``prometheus_client.disable_created_metrics()`` would drop them for every registry of
+    the process at once (module state); this filter keeps the choice to our registry.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        """The registry's families, each without its ``_created`` samples."""
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family

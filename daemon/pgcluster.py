@@ -141,11 +141,29 @@ class ThrowawayCluster:
         """True when ``pg_ctl status`` finds the server up."""
         return self._run("pg_ctl", "-D", str(self.datadir), "status").returncode == 0
 
+    def _set_aside(self) -> dict[str, bytes]:
+        """Files already in a data directory that holds no cluster yet — development mode's
+        ``dev.env``, written by a ``crm-bridge`` command before the first ``make run`` —
+        taken out (initdb wants an empty directory) to be put back after initdb."""
+        if not self.datadir.is_dir() or (self.datadir / "PG_VERSION").exists():
+            return {}
+        kept = {p.name: p.read_bytes() for p in self.datadir.iterdir() if p.is_file()}
+        for name in kept:
+            (self.datadir / name).unlink()
+        if not self.requested.is_symlink() and not any(self.requested.iterdir()):
+            self.requested.rmdir()  # _prepare_dir decides where it lives and who owns it
+        return kept
+
     def start(self) -> str:
         """Create (once) and start the cluster; return its URL. Idempotent."""
+        kept = self._set_aside()
         self._prepare_dir()
         if not (self.datadir / "PG_VERSION").exists():
             self._initdb()
+        for name, content in kept.items():
+            fd = os.open(self.datadir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(content)
         if not self.running():
             result = self._run(
                 "pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"),

@@ -12,6 +12,7 @@ with its teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime t
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -143,6 +144,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         writer.on_written(feed.settled)
         listener = (_listener(settings, cache, dispatcher, feed, metrics) if settings.notify
                     else None)
+        if listener is None:  # poll only: no LISTEN connection to report, nor to alert on
+            metrics.registry.unregister(metrics.listener_connected)
         pbx_http = pbx_session(settings.pbx_timeout_s, connections=PBX_CONNECTIONS,
                                connect_timeout_s=HTTP_CONNECT_TIMEOUT_S)
         stack.push_async_callback(pbx_http.close)
@@ -160,7 +163,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             make_call_throttle=Throttle(settings.make_call_rate), audit=audit,
             redirect=redirect,
         )
-        metrics.info.labels(adapter.name, __version__, settings.instance_id).set(1)
+        metrics.info.labels(adapter.name, __version__, socket.gethostname()).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
         if listener is not None:
             stack.push_async_callback(listener.close)

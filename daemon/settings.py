@@ -6,8 +6,8 @@ There are no fallback secrets: only the explicit development mode
 (``CRM_BRIDGE_DEV_MODE=1``, set by ``make run``) may generate throwaway ones, and
 ``Settings.generated`` lists which, so start-up can say so in the log.
 
-The table ``_FIELDS`` below is the single description of every variable; the README's
-table of variables is written from it.
+The table ``_FIELDS`` below is the single description of every variable: the configuration
+reference in docs/operations.md is generated from it (``python -m daemon.reference``).
 """
 
 from __future__ import annotations
@@ -235,57 +235,77 @@ def _new_fernet_key() -> str:
 
 
 _FIELDS: tuple[_Field, ...] = (
-    _Field("database_url", _database_url, "PostgreSQL URL (required)"),
-    _Field("secret_key", _secret_key, "signs admin links and sessions (required, >= 32 chars)",
+    _Field("database_url", _database_url, "PostgreSQL URL, `postgresql://user:password@host/db`"),
+    _Field("secret_key", _secret_key,
+           "signs admin links and sessions (at least 32 characters: `openssl rand -hex 32`)",
            lambda: secrets.token_hex(32)),
     _Field("encryption_keys", _fernet_keys,
            "Fernet key(s) encrypting CRM API keys at rest, comma-separated, newest first "
-           "(required)", _new_fernet_key),
+           "(`crm-bridge genkey` makes one)", _new_fernet_key),
     _Field("service_token", _service_token,
-           "bearer token of the platform's call services for /api/* (required, >= 24 chars)",
+           "bearer token of the platform's call services and operators for `/api/*` and "
+           "`/stats` (at least 24 characters)",
            lambda: secrets.token_urlsafe(32)),
-    _Field("integration", _integration, "the adapter this process runs (default retailcrm)"),
-    _Field("host", _str, "listen address (default 127.0.0.1)"),
-    _Field("port", _port, "listen port (default 8019)"),
+    _Field("integration", _integration, "the adapter this process runs (`--integration` wins)"),
+    _Field("host", _str, "listen address"),
+    _Field("port", _port, "listen port"),
     _Field("public_url", _http_url,
-           "the URL RetailCRM and browsers reach this process at (required unless dev mode)"),
-    _Field("log_format", _choice("auto", "json", "console"), "auto | json | console"),
-    _Field("log_level", _choice("debug", "info", "warning", "error"), "default info"),
-    _Field("dev_mode", _bool, "1 = generate throwaway secrets (make run only)"),
-    _Field("instance_id", _str, "this instance's name in leases (default host-pid)"),
-    _Field("db_pool_min", _int, "default 2"),
-    _Field("db_pool_max", _int, "default 10"),
-    _Field("db_command_timeout_s", _positive_float, "default 10"),
-    _Field("notify", _bool, "0 = poll only (behind PgBouncer in transaction pooling)"),
-    _Field("poll_interval_s", _positive_float, "dispatcher poll interval (default 1)"),
-    _Field("attempt_timeout_s", _positive_float, "hard limit of one delivery attempt (default 3)"),
-    _Field("lease_s", _positive_float, "claim lease, at least 2x the attempt timeout (default 30)"),
-    _Field("concurrency", _int, "deliveries in flight per process (default 200)"),
-    _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise (default 4)"),
-    _Field("max_attempts", _int, "attempts before a delivery fails (default 12)"),
-    _Field("max_age_s", _positive_float, "age after which a delivery fails (default 86400)"),
-    _Field("retry_base_s", _positive_float, "first retry backoff ceiling, doubling (default 1)"),
-    _Field("retry_max_s", _positive_float, "largest retry backoff (default 300)"),
-    _Field("retention_days", _positive_float, "delivered events kept this long (default 30)"),
-    _Field("purge_interval_s", _positive_float, "how often the daemon purges (default 3600)"),
-    _Field("config_refresh_s", _positive_float, "full config reload period (default 240)"),
-    _Field("config_ttl_s", _positive_float, "per-enterprise config TTL (default 90)"),
-    _Field("listener_probe_s", _positive_float, "LISTEN connection probe period (default 10)"),
-    _Field("shutdown_grace_s", _positive_float, "in-flight grace on SIGTERM (default 10)"),
-    _Field("sql_dir", _str, "where the migrations are (default: found next to the package)"),
+           "the URL RetailCRM and browsers reach this process at (required, except in "
+           "development mode: `http://HOST:PORT`)"),
+    _Field("log_format", _choice("auto", "json", "console"),
+           "`auto` (console on a terminal, JSON otherwise), `json`, `console`"),
+    _Field("log_level", _choice("debug", "info", "warning", "error"),
+           "`debug`, `info`, `warning`, `error`"),
+    _Field("dev_mode", _bool,
+           "`1` = development mode: secrets kept in the checkout's `.pgdata/dev.env` "
+           "(`make run`; never in production)"),
+    _Field("instance_id", _str,
+           "this instance's name in leases, `/health` and `/stats` (unset: host name-pid)"),
+    _Field("db_pool_min", _int, "database pool size floor"),
+    _Field("db_pool_max", _int, "database pool size ceiling (at least 2)"),
+    _Field("db_command_timeout_s", _positive_float, "timeout of every SQL command, seconds"),
+    _Field("notify", _bool, "`0` = poll only, no LISTEN (behind PgBouncer in transaction pooling)"),
+    _Field("poll_interval_s", _positive_float, "dispatcher poll interval, seconds"),
+    _Field("attempt_timeout_s", _positive_float, "hard limit of one delivery attempt, seconds"),
+    _Field("lease_s", _positive_float,
+           "claim lease, seconds; at least twice `CRM_BRIDGE_ATTEMPT_TIMEOUT_S`"),
+    _Field("concurrency", _int, "deliveries in flight per process"),
+    _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise"),
+    _Field("max_attempts", _int, "attempts before a delivery fails (dead letter)"),
+    _Field("max_age_s", _positive_float, "age after which a delivery fails, seconds"),
+    _Field("retry_base_s", _positive_float,
+           "first retry's backoff ceiling, seconds; doubles per attempt, full jitter"),
+    _Field("retry_max_s", _positive_float, "largest retry backoff, seconds"),
+    _Field("retention_days", _positive_float, "delivered events are kept this many days"),
+    _Field("purge_interval_s", _positive_float,
+           "how often the daemon purges expired events, seconds"),
+    _Field("config_refresh_s", _positive_float,
+           "full configuration reload period, seconds, ±20 % jitter"),
+    _Field("config_ttl_s", _positive_float,
+           "per-enterprise configuration TTL, seconds, ±⅓ jitter"),
+    _Field("listener_probe_s", _positive_float, "LISTEN connection probe period, seconds"),
+    _Field("shutdown_grace_s", _positive_float, "in-flight grace period on SIGTERM, seconds"),
+    _Field("sql_dir", _str,
+           "where the migrations are (unset: the checkout's `sql/`, then "
+           "`<prefix>/share/crm-bridge/sql`)"),
     _Field("rate_limits", _rate_limits,
-           "per-enterprise request rates overriding the adapter's, e.g. default=10,telephony=40"),
+           "per-enterprise request rates overriding the adapter's, e.g. "
+           "`default=10,telephony=40`"),
     _Field("retailcrm_module_code", _module_code,
            "code of the telephony module registered in RetailCRM (default vochi-telephony)"),
     _Field("retailcrm_module_name", _str,
            "name RetailCRM shows for that module (default Vochi-CRM)"),
     _Field("pbx_url", _http_url,
-           "the platform's Asterisk service (default http://127.0.0.1:8018)"),
-    _Field("pbx_timeout_s", _positive_float, "timeout of one request to it (default 5)"),
+           "the platform's Asterisk service, which places and transfers calls "
+           "(default http://127.0.0.1:8018)"),
+    _Field("pbx_timeout_s", _positive_float,
+           "timeout of one request to that service, seconds (default 5)"),
     _Field("make_call_rate", _positive_float,
-           "click-to-call requests per second per clientId before 429 (default 5)"),
+           "click-to-call requests per second per RetailCRM clientId; more are answered 429 "
+           "(default 5)"),
     _Field("smart_redirect_deadline_s", _positive_float,
-           "hard deadline of a smart-redirect answer (default 1.5)"),
+           "hard deadline of a smart-redirect or customer-name answer, seconds; at most 10 "
+           "(default 1.5)"),
 )
 
 

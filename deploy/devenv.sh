@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Development bootstrap used by the Makefile: system packages, the virtualenv, a local DB.
-#   deploy/devenv.sh system    install PostgreSQL and Chromium (apt-get) where missing: the
-#                              tests drive the admin pages in Debian's headless Chromium
+#   deploy/devenv.sh system    install (apt-get) what is missing: PostgreSQL's server and
+#                              python3-venv (required), and the tools some tests run against
+#                              the shipped configuration and pages: promtool (Debian's
+#                              prometheus package), nginx and chromium (optional: those
+#                              tests skip, saying why, without them)
 #   deploy/devenv.sh venv      create .venv and install crm-bridge with its test/dev extras
 #   deploy/devenv.sh database  print a database URL: $CRM_BRIDGE_DATABASE_URL when set, else
 #                              a throwaway cluster under .pgdata (started if needed)
@@ -15,38 +18,66 @@ have_postgres() {
     command -v initdb >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
 
+have() {  # a program, also where PATH lacks the sbin folders (nginx is /usr/sbin/nginx)
+    command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]
+}
+
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
         echo "devenv: need root (or sudo) to run: $*" >&2; return 1; fi
 }
 
+updated=""
+apt_install() {
+    if [ -z "$updated" ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        updated=yes
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq -o DPkg::Lock::Timeout=300 "$@" >/dev/null
+}
+
 system() {
-    if ! have_postgres; then
-        echo "devenv: installing PostgreSQL (apt-get)" >&2
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+    local required=() optional=()
+    have_postgres || required+=(postgresql)
+    "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1 || required+=(python3-venv)
+    have promtool || optional+=(prometheus)
+    have nginx || optional+=(nginx)
+    [ -x /usr/bin/chromium ] || optional+=(chromium)
+    if [ ${#required[@]} -gt 0 ]; then
+        echo "devenv: installing ${required[*]} (apt-get)" >&2
+        apt_install "${required[@]}"
     fi
-    if [ ! -x /usr/bin/chromium ]; then
-        echo "devenv: installing Chromium (apt-get), for the admin pages' browser tests" >&2
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
-            || echo "devenv: Chromium could not be installed: the browser tests will skip" >&2
-    fi
-    if ! "$PYTHON" -c "import venv, ensurepip" >/dev/null 2>&1; then
-        echo "devenv: installing python3-venv (apt-get)" >&2
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+    if [ ${#optional[@]} -gt 0 ]; then
+        echo "devenv: installing ${optional[*]} (apt-get): the tests check the shipped" \
+             "alert rules, the nginx configuration and the admin pages with them" >&2
+        if apt_install --no-install-recommends "${optional[@]}"; then
+            # Only their tools are wanted: a service the package started is stopped again.
+            if [ -d /run/systemd/system ]; then
+                for package in "${optional[@]}"; do
+                    as_root systemctl disable --now "$package.service" >/dev/null 2>&1 || true
+                done
+            fi
+        else
+            echo "devenv: could not install ${optional[*]}: the tests that need them skip" >&2
+        fi
     fi
 }
 
 venv() {
     local stamp="$VENV/.installed"
     if [ ! -x "$VENV/bin/python" ]; then
+        echo "devenv: creating the virtualenv $VENV and installing crm-bridge with its test" \
+             "and dev tools (first run: about a minute)..." >&2
         "$PYTHON" -m venv "$VENV"
+    elif [ -f "$stamp" ] && { [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; }; then
+        echo "devenv: setup.cfg or pyproject.toml changed: updating $VENV..." >&2
     fi
     if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install -q --upgrade pip
         "$VENV/bin/python" -m pip install -q -e '.[test,dev]'
         touch "$stamp"
+        echo "devenv: $VENV is ready" >&2
     fi
 }
 

@@ -355,7 +355,7 @@ async def test_metrics_expose_the_pipeline(
     assert float(lines["crm_bridge_log_rows_total"]) == 2
     assert float(lines["crm_bridge_attempt_seconds_count"]) == 2
     for name in ("crm_bridge_queue_depth", "crm_bridge_queue_oldest_due_seconds",
-                 "crm_bridge_notification_queue_usage", "crm_bridge_config_entries",
+                 "crm_bridge_notification_queue_usage_ratio", "crm_bridge_config_entries",
                  "crm_bridge_leases_reclaimed_total", "crm_bridge_rate_limited_waits_total",
                  "crm_bridge_event_loop_lag_seconds"):
         assert name in lines, name

@@ -35,7 +35,9 @@ def integration_type(name: str) -> str:
     try:
         module = importlib.import_module(module_name(name))
     except ModuleNotFoundError:
-        raise UnknownIntegration(f"no integration {name!r}") from None
+        raise UnknownIntegration(
+            f"no integration {name!r} (available: {', '.join(available()) or 'none'})"
+        ) from None
     value = getattr(module, "NAME", None)
     if not isinstance(value, str):
         raise UnknownIntegration(f"{module.__name__} has no NAME")

@@ -43,6 +43,8 @@ class Cli:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         out, err = await asyncio.wait_for(
             proc.communicate(stdin.encode() if stdin is not None else None), 30)
+        logged = [line for line in out.decode().splitlines() if _is_log_line(line)]
+        assert not logged, f"log lines belong on stderr, the answer alone on stdout: {logged}"
         text = out.decode() + err.decode()
         self.outputs.append(text)
         assert proc.returncode is not None
@@ -53,6 +55,13 @@ class Cli:
         assert "eyJ" not in everything  # no admin link (JWT) either
         for secret in secrets:
             assert secret not in everything, f"{secret[:6]}… was printed"
+
+
+def _is_log_line(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _paragraph(text: str) -> str:

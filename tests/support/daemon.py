@@ -95,11 +95,13 @@ class DaemonProcess:
         return code
 
 
-async def start_process(env: Mapping[str, str], *args: str) -> DaemonProcess:
-    """``python -m daemon run`` with ``env``; returns once it logged ``listening``."""
+async def start_process(env: Mapping[str, str], *args: str, cwd: Path = ROOT) -> DaemonProcess:
+    """``python -m daemon run`` with ``env`` (in ``cwd``); returns once it logged
+    ``listening``. Its stderr is read with its stdout (lines that are not JSON come as
+    ``{"event": "raw", "text": ...}``)."""
     full_env = {**os.environ, "CRM_BRIDGE_PORT": "0", **env, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "daemon", "run", *args, cwd=ROOT, env=full_env,
+        sys.executable, "-m", "daemon", "run", *args, cwd=cwd, env=full_env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     daemon = DaemonProcess(proc)
