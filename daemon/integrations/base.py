@@ -319,7 +319,8 @@ class Adapter(Protocol):
         order. Raising instead applies the error to every context."""
 
     def routes(self) -> Sequence[web.AbstractRouteDef]:
-        """Callback routes the CRM calls (mounted under ``/{name}/``)."""
+        """Callback routes the CRM calls, mounted under ``/{name}/`` on a sub-application
+        whose ``CALLBACK_DEPS`` holds what they may use (``CallbackDeps``)."""
 
     async def check_credentials(self, config: IntegrationConfig) -> CredentialsCheck:
         """Test ``config``'s credentials against the CRM. Never raises for a CRM failure
