@@ -258,3 +258,24 @@ async def test_an_enterprise_without_the_integration_is_not_connected(
     answer = await ask(http, daemon, enterprise=ENTERPRISE, phone=CALLER)
     assert (answer["extension"], answer["reason"]) == (None, "not_connected")
     assert sim.recorded(MANAGER_PATH) == []
+
+
+async def test_an_enterprise_may_ring_managers_who_are_away(
+    daemon: InProcess, http: aiohttp.ClientSession, pool: asyncpg.Pool
+) -> None:
+    await pool.execute("INSERT INTO crm_user_status (enterprise_number, integration_type,"
+                       " user_id, status) VALUES ($1, 'retailcrm', '2', 'dinner')", ENTERPRISE)
+    daemon.rt.redirect.forget(ENTERPRISE)
+    assert (await ask(http, daemon, enterprise=ENTERPRISE, phone=CALLER))["reason"] == \
+        "manager_away"
+    url = f"{daemon.url}/api/config/{ENTERPRISE}"
+    async with http.get(url, headers=AUTH) as response:
+        assert (await response.json())["settings"]["skip_away_managers"] is True
+    async with http.put(url, json={"skip_away_managers": False}, headers=AUTH) as response:
+        assert response.status == 200, await response.text()
+        assert (await response.json())["settings"]["skip_away_managers"] is False
+    await wait_until(lambda: not daemon.rt.cache.get(ENTERPRISE).config.skip_away_managers)
+    assert (await ask(http, daemon, enterprise=ENTERPRISE, phone=CALLER))["extension"] == "102"
+    async with http.put(url, json={"skip_away_managers": "no"}, headers=AUTH) as response:
+        assert response.status == 400
+        assert (await response.json())["details"] == {"field": "skip_away_managers"}
