@@ -70,6 +70,8 @@ class Harness:
             "CRM_BRIDGE_PUBLIC_URL": "http://127.0.0.1:8019",
             "CRM_BRIDGE_LOG_FORMAT": "json",
             "CRM_BRIDGE_LOG_LEVEL": self.log_level,
+            # The RetailCRM simulator listens on 127.0.0.1 over plain http.
+            "CRM_BRIDGE_ALLOW_PRIVATE_CRM": "1",
         }
         env.update(extra)
         return env

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 from daemon import errors, phones
 
@@ -48,6 +49,7 @@ _CHANNEL = re.compile(
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", ""})
 _RECORD_URL_KEYS = ("record_url", "RecordUrl", "RecordURL", "recordUrl")
+MAX_RECORD_URL_CHARS = 2000
 _DIAL_STATUS_KEYS = ("DialStatus", "DIALSTATUS", "Disposition")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ANSWERED_STATUSES = frozenset({"2", "5"})  # CallStatus: answered, talk
@@ -127,6 +129,7 @@ class CallEvent:
     bridge_unique_id: str = ""
     internal_code: str = ""
     record_url: str | None = None
+    record_url_dropped: bool = False  # one was given, but not a URL a CRM may be sent
     origin: str = "live"
     received_at: datetime = _EPOCH
 
@@ -162,6 +165,8 @@ def parse_event(stored: StoredEvent) -> CallEvent:
     unique_id = stored.unique_id or _text(body, "UniqueId")
     if not unique_id:
         raise MalformedEvent("UniqueId", "missing")
+    record_url = record_url or _record_url(body)
+    recording = record_url if record_url is None or is_recording_url(record_url) else None
     return CallEvent(
         id=stored.id,
         event_type=stored.event_type,
@@ -178,7 +183,8 @@ def parse_event(stored: StoredEvent) -> CallEvent:
         end_time=_time(body, "EndTime"),
         external_initiated=_flag(body, "ExternalInitiated"),
         internal_code=_text(body, "InternalCode"),
-        record_url=record_url or _record_url(body),
+        record_url=recording,
+        record_url_dropped=recording != record_url,
         origin=origin,
         received_at=stored.received_at,
         **_bridge_fields(body),
@@ -310,6 +316,20 @@ def _record_url(body: Mapping[str, Any]) -> str | None:
         if body.get(key) is not None:
             return _text(body, key) or None
     return None
+
+
+def is_recording_url(value: str) -> bool:
+    """Whether ``value`` may go to a CRM as a recording's URL: an absolute ``http(s)`` URL
+    with a host, at most ``MAX_RECORD_URL_CHARS`` long, without spaces or control
+    characters (``javascript:alert(1)`` and ``file:///etc/passwd`` are not)."""
+    if len(value) > MAX_RECORD_URL_CHARS or not value.isprintable() or " " in value:
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (a malformed port raises here)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in {"http", "https"} and bool(parts.hostname)
 
 
 def _bridge_fields(body: Mapping[str, Any]) -> dict[str, str]:

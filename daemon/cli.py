@@ -329,10 +329,13 @@ async def serve(settings: Settings, dev_env: Path | None = None) -> int:
     In development mode, once it serves, it prints how to reach it (``devmode.banner``).
     """
     from web.app import create_app
+    from web.server import Limits, Runner
 
     async with runtime.build(settings) as rt:
         _install_signal_handlers(rt.supervisor.stop)
-        runner = web.AppRunner(create_app(rt), handle_signals=False, access_log=None)
+        cut = rt.metrics.http_cut
+        runner = Runner(create_app(rt), Limits.from_settings(settings),
+                        on_cut=lambda reason: cut.labels(reason).inc())
         await runner.setup()
         try:
             site = web.TCPSite(runner, settings.host, settings.port)

@@ -38,7 +38,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from daemon import store
+from daemon import logconfig, store
 from daemon.cache import ConfigCache, Entry
 from daemon.calls import StoredEvent
 from daemon.errors import DeliveryError, Retryable
@@ -289,6 +289,8 @@ class Dispatcher:
                 self._settle(Settlement(item.event.id, item.lease, "skipped", last_error=reason))
             self._outcomes["skipped"].inc(len(group))
             return
+        # Whatever this attempt logs, its enterprise's secrets never show (its own task).
+        logconfig.hide(entry.config.secrets())
         if entry.held is not None:
             self._release(group, f"held: {entry.held}")
             return

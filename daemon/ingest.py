@@ -69,14 +69,19 @@ class Accepted:
         return out
 
 
-def _text(body: Mapping[str, Any], key: str, field: str, *, required: bool = True) -> str | None:
+def _text(body: Mapping[str, Any], key: str, field: str, *, required: bool = True,
+          numbers: bool = True) -> str | None:
     value = body.get(key)
     if value is None or value == "":
         if required:
             raise FieldError(field, "is required")
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        value = str(value)  # Asterisk ids and tokens sometimes arrive as numbers
+        if not numbers:
+            # 1796099999.60 as a JSON number is 1796099999.6: another call's id.
+            raise FieldError(field, "must be a string (a call id as a JSON number loses "
+                             "its trailing zeros)")
+        value = str(value)  # Asterisk tokens sometimes arrive as numbers
     if not isinstance(value, str):
         raise FieldError(field, f"expected a string, got {type(value).__name__}")
     if len(value) > MAX_ID_LENGTH:
@@ -106,7 +111,7 @@ def _record_url(value: Any) -> str | None:
 def _origin(value: Any, event_type: str) -> str:
     if value is None or value == "":
         return "download" if event_type == "download" else "live"
-    if value not in {"live", "download"}:
+    if not isinstance(value, str) or value not in {"live", "download"}:
         raise FieldError("origin", "expected 'live' or 'download'")
     return str(value)
 
@@ -122,7 +127,7 @@ def parse_envelope(body: Any) -> IncomingEvent | str:
     if not isinstance(raw, Mapping):
         raise FieldError("raw", "expected the Asterisk body as a JSON object")
     token = _text(body, "token", "token")
-    unique_id = _text(body, "uniqueId", "uniqueId")
+    unique_id = _text(body, "uniqueId", "uniqueId", numbers=False)
     assert token is not None and unique_id is not None
     return IncomingEvent(token, unique_id, event_type, dict(raw),
                          _record_url(body.get("record_url")),
@@ -137,7 +142,7 @@ def parse_raw(event_type: str, body: Any) -> IncomingEvent | str:
     if not isinstance(body, Mapping):
         raise FieldError("body", "expected a JSON object")
     token = _text(body, "Token", "Token")
-    unique_id = _text(body, "UniqueId", "UniqueId")
+    unique_id = _text(body, "UniqueId", "UniqueId", numbers=False)
     assert token is not None and unique_id is not None
     return IncomingEvent(token, unique_id, event_type, dict(body), None,
                          _origin(None, event_type))

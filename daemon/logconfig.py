@@ -7,7 +7,9 @@ result.
 The standard library's loggers (aiohttp's access and server logs, asyncpg) go through the
 same processor chain, so every line has one shape. ``redact`` runs last before rendering: it
 masks values under known secret keys and secret-looking substrings (JWTs, ``apiKey=`` and
-``clientId=`` in URLs) in any string — the last line of defence, not the first.
+``clientId=`` in URLs) in any string, and — by value, in text, values and keys — the secrets
+the current unit of work declared with :func:`hide` (its enterprise's API key, clientId...).
+The last line of defence, not the first.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import functools
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from typing import Any, TextIO
 
 import structlog
@@ -39,6 +42,22 @@ _URL_SECRET = re.compile(
     r"(?i)\b(api_?key|client_?id|token|secret|session_token|jwt|password)=([^&\s\"']+)"
 )
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}")
+# The secrets of the unit of work running in this context (a delivery's task, a request's
+# handler, a command): a context variable, so each task sees only its own.
+_HIDDEN: ContextVar[tuple[str, ...]] = ContextVar("crm_bridge_hidden_secrets", default=())
+
+
+def hide(secrets: Iterable[str]) -> None:
+    """From now on, in this context (the current task and what it starts), mask these
+    values wherever they appear in a log line: text, values, keys. Replaces what an
+    earlier call declared: a context works for one enterprise at a time."""
+    _HIDDEN.set(tuple(sorted({s for s in secrets if s}, key=len, reverse=True)))
+
+
+def also_hide(secrets: Iterable[str]) -> None:
+    """Like :func:`hide`, keeping what this context hides already: a second credential met
+    on the way (the enterprise's PBX secret, read while a callback is being answered)."""
+    hide((*_HIDDEN.get(), *secrets))
 
 
 def is_secret_key(key: object) -> bool:
@@ -60,29 +79,42 @@ def scrub_text(text: str) -> str:
     return text
 
 
-def redact_value(value: Any, depth: int = 0) -> Any:
-    """Return ``value`` with every secret masked: by key in mappings, by pattern in strings."""
+def redact_value(value: Any, depth: int = 0, hidden: tuple[str, ...] = ()) -> Any:
+    """Return ``value`` with every secret masked: by key in mappings, by pattern in strings,
+    and the ``hidden`` values wherever they appear (keys included)."""
     if depth > 8:
         return value
     if isinstance(value, str):
-        return scrub_text(value)
+        return scrub_text(_hide(value, hidden))
     if isinstance(value, Mapping):
         return {
-            k: (MASK if is_secret_key(k) and v not in (None, "") else redact_value(v, depth + 1))
+            _hide(k, hidden) if isinstance(k, str) else k:
+                MASK if is_secret_key(k) and v not in (None, "")
+                else redact_value(v, depth + 1, hidden)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
-        return [redact_value(v, depth + 1) for v in value]
+        return [redact_value(v, depth + 1, hidden) for v in value]
     return value
 
 
+def _hide(text: str, hidden: tuple[str, ...]) -> str:
+    for secret in hidden:
+        if secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
 def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
-    """structlog processor: mask secrets in every field of the event."""
+    """structlog processor: mask secrets in every field of the event (see the module)."""
+    hidden = _HIDDEN.get()
+    if hidden and any(secret in key for key in event_dict for secret in hidden):
+        event_dict = {_hide(key, hidden): value for key, value in event_dict.items()}
     for key, value in list(event_dict.items()):
         if is_secret_key(key) and value not in (None, ""):
             event_dict[key] = MASK
         elif isinstance(value, str | Mapping | list | tuple):
-            event_dict[key] = redact_value(value)
+            event_dict[key] = redact_value(value, hidden=hidden)
     return event_dict
 
 

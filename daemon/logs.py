@@ -9,7 +9,10 @@ accumulates, so batches grow with load and an idle system writes at once.
 
 ``mask`` is applied to every request and response before it becomes a log row: values under
 secret-looking keys are masked, and so is any occurrence of the enterprise's own secrets
-(API key, callback secret) anywhere in a string.
+(API key, callback secret) anywhere in a string — values and keys alike (a CRM may echo the
+clientId back as an object key). It also makes every string storable: PostgreSQL's ``jsonb``
+and ``text`` refuse ``\u0000`` and UTF-8 cannot carry a lone surrogate, so a CRM answer
+holding either is kept with the character escaped rather than losing the whole batch.
 """
 
 from __future__ import annotations
@@ -41,15 +44,13 @@ def mask(value: Any, secrets: Iterable[str] = (), depth: int = 0) -> Any:
     if kind in _SCALARS:  # most leaves; an exact type test is far cheaper than isinstance
         return value
     if isinstance(value, str):
-        for secret in secrets:
-            if secret and secret in value:
-                value = value.replace(secret, MASK)
-        value = scrub_text(value)
+        value = scrub_text(_storable(_hide(value, secrets)))
         return value if len(value) <= MAX_TEXT else value[:MAX_TEXT] + "…"
     known = secrets if type(secrets) is tuple else tuple(secrets)
     if kind is dict or isinstance(value, Mapping):
         return {
-            str(k): MASK if is_secret_key(k) and v not in (None, "") else mask(v, known, depth + 1)
+            _storable(_hide(str(k), known)):
+                MASK if is_secret_key(k) and v not in (None, "") else mask(v, known, depth + 1)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
@@ -58,6 +59,25 @@ def mask(value: Any, secrets: Iterable[str] = (), depth: int = 0) -> Any:
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _hide(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def _storable(text: str) -> str:
+    """``text`` with what PostgreSQL cannot store escaped: NUL, lone surrogates."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,6 +128,12 @@ class Metrics:
         self.log_flushes = Counter(
             "crm_bridge_log_flushes_total", "Batched writes of outcomes and log rows.", registry=r
         )
+        self.http_cut = Counter(
+            "crm_bridge_http_connections_cut_total",
+            "HTTP connections closed by the server: a request head or body too slow "
+            "(header, body), or the connection cap reached (capacity).", ["reason"],
+            registry=r,
+        )
         self.bug_errors = Counter(
             "crm_bridge_adapter_bugs_total",
             "Unexpected exceptions escaping an adapter (each one is a bug).", registry=r,

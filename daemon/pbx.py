@@ -40,7 +40,7 @@ import aiohttp
 import asyncpg
 import structlog
 
-from daemon import phones, store
+from daemon import logconfig, phones, store
 from daemon.logs import mask
 from daemon.metrics import Metrics
 
@@ -194,6 +194,7 @@ class Pbx:
         if not secret:
             raise PbxRefused("enterprise", f"enterprise {enterprise} has no credential at the "
                              "PBX (enterprises.secret is empty)")
+        logconfig.also_hide((secret,))  # from now on no log line of this request shows it
         return Line(enterprise, secret, frozenset(n for n in numbers if _EXTENSION.fullmatch(n)))
 
     async def originate(self, line: Line, extension: str, phone: str, *,

@@ -23,7 +23,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, loopwatch, retention, store
+from daemon import __version__, db, egress, loopwatch, retention, store
 from daemon.auditlog import AuditLog
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
@@ -77,12 +77,16 @@ class Runtime:
         ``CALLBACK_DEPS``)."""
         return CallbackDeps(
             integration=self.adapter.name, pool=self.pool,
-            enterprise_by_secret=self.cache.matrix.by_secret,
+            enterprise_by_secret=self.cache.matrix.by_secret, config_of=self._config_of,
             serving_config=self._serving_config, statuses_changed=self.redirect.forget,
             pbx=self.pbx,
             make_call_throttle=self.make_call_throttle, audit=self.audit,
             metrics=self.metrics,
         )
+
+    def _config_of(self, enterprise: str) -> IntegrationConfig | None:
+        entry = self.cache.get(enterprise)
+        return entry.config if entry is not None else None
 
     def _serving_config(self, enterprise: str) -> IntegrationConfig | None:
         entry = self.cache.get(enterprise)
@@ -108,7 +112,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             timeout=aiohttp.ClientTimeout(
                 total=settings.attempt_timeout_s, connect=HTTP_CONNECT_TIMEOUT_S
             ),
-            connector=aiohttp.TCPConnector(limit=max(100, settings.concurrency)),
+            connector=egress.connector(allow_private=settings.allow_private_crm,
+                                       limit=max(100, settings.concurrency)),
         )
         stack.push_async_callback(http.close)
         metrics = Metrics(settings.integration)
@@ -117,9 +122,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             settings.integration,
             AdapterDeps(
                 crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
-                secret_key=settings.secret_key,
-                settings={"retailcrm_module_code": settings.retailcrm_module_code,
-                          "retailcrm_module_name": settings.retailcrm_module_name},
+                secret_key=settings.secret_key, settings=settings.adapter_settings(),
             ),
         )
         supervisor = Supervisor()

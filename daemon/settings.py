@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 PREFIX = "CRM_BRIDGE_"
+# A CRM answer cap below this would refuse ordinary answers (a users page is ~10 KiB).
+MIN_RESPONSE_BYTES = 16_384
 
 
 class SettingsError(ValueError):
@@ -73,6 +75,11 @@ class Settings:
     rate_limits: tuple[tuple[str, float], ...] = ()
     retailcrm_module_code: str = "vochi-telephony"
     retailcrm_module_name: str = "Vochi-CRM"
+    allow_private_crm: bool = False
+    max_response_bytes: int = 1_048_576
+    http_header_timeout_s: float = 5.0
+    http_body_timeout_s: float = 10.0
+    http_max_connections: int = 1000
     pbx_url: str = "http://127.0.0.1:8018"
     pbx_timeout_s: float = 5.0
     make_call_rate: float = 5.0
@@ -88,6 +95,16 @@ class Settings:
             out[f.name] = getattr(self, f.name)
         out["database_url"] = mask_url_password(self.database_url)
         return out
+
+    def adapter_settings(self) -> dict[str, Any]:
+        """What an adapter reads from ``AdapterDeps.settings``: its module's identity, where
+        it may connect (``allow_private_crm``) and how much of an answer it may read."""
+        return {
+            "retailcrm_module_code": self.retailcrm_module_code,
+            "retailcrm_module_name": self.retailcrm_module_name,
+            "allow_private_crm": self.allow_private_crm,
+            "max_response_bytes": self.max_response_bytes,
+        }
 
 
 def mask_url_password(url: str) -> str:
@@ -295,6 +312,16 @@ _FIELDS: tuple[_Field, ...] = (
            "code of the telephony module registered in RetailCRM (default vochi-telephony)"),
     _Field("retailcrm_module_name", _str,
            "name RetailCRM shows for that module (default Vochi-CRM)"),
+    _Field("allow_private_crm", _bool,
+           "1 = CRM addresses may be plain http, IP addresses or resolve to loopback/private "
+           "ones (tests, the simulator; default 0, but 1 in development mode)"),
+    _Field("max_response_bytes", _int,
+           "largest CRM answer read, after decompression (default 1048576)"),
+    _Field("http_header_timeout_s", _positive_float,
+           "time a client has to send a request's headers (default 5)"),
+    _Field("http_body_timeout_s", _positive_float,
+           "time a client has to send a request's body once its headers are in (default 10)"),
+    _Field("http_max_connections", _int, "open HTTP connections accepted (default 1000)"),
     _Field("pbx_url", _http_url,
            "the platform's Asterisk service, which places and transfers calls "
            "(default http://127.0.0.1:8018)"),
@@ -333,6 +360,8 @@ def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings
             raise SettingsError(variable, str(exc)) from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     dev_mode = bool(values.get("dev_mode", False))
+    if dev_mode:  # a developer's RetailCRM is the simulator on 127.0.0.1, over http
+        values.setdefault("allow_private_crm", True)
     generated: list[str] = []
     for f in _FIELDS:
         if f.name in values:
@@ -378,6 +407,11 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
     if settings.smart_redirect_deadline_s > MAX_REDIRECT_DEADLINE_S:
         raise SettingsError(PREFIX + "SMART_REDIRECT_DEADLINE_S",
                             f"must be at most {MAX_REDIRECT_DEADLINE_S:g} (a caller is waiting)")
+    if settings.max_response_bytes < MIN_RESPONSE_BYTES:
+        raise SettingsError(PREFIX + "MAX_RESPONSE_BYTES",
+                            f"must be at least {MIN_RESPONSE_BYTES} bytes")
+    if settings.http_max_connections < 1:
+        raise SettingsError(PREFIX + "HTTP_MAX_CONNECTIONS", "must be at least 1")
     return settings
 
 

@@ -70,6 +70,8 @@ def settings_env(database_url: str, **extra: str) -> dict[str, str]:
         "CRM_BRIDGE_SERVICE_TOKEN": TEST_SERVICE_TOKEN,
         "CRM_BRIDGE_PUBLIC_URL": "http://127.0.0.1:8019",
         "CRM_BRIDGE_LOG_FORMAT": "json",
+        # The simulators listen on 127.0.0.1 over plain http.
+        "CRM_BRIDGE_ALLOW_PRIVATE_CRM": "1",
     }
     env.update(extra)
     return env

@@ -190,6 +190,36 @@ def test_record_url_from_column_then_body() -> None:
     assert event(1, "hangup", {**HANGUP, "RecordUrl": ""}).record_url is None
 
 
+@pytest.mark.parametrize("url", [
+    "javascript:alert(1)", "JaVaScRiPt:alert(document.cookie)", "data:audio/mp3;base64,AAAA",
+    "file:///etc/passwd", "ftp://rec.example/a.mp3", "//rec.example/a.mp3", "/records/a.mp3",
+    "https://", "http:///a.mp3", "https://rec.example:99999/a.mp3",
+    "https://rec.example/a b.mp3", "https://rec.example/a.mp3\n<script>",
+    "https://rec.example/\x00.mp3", "https://rec.example/" + "a" * 2000 + ".mp3",
+])
+def test_a_record_url_a_crm_must_not_get_is_dropped_on_every_path(url: str) -> None:
+    envelope = {"token": TOKEN, "uniqueId": UID, "event_type": "hangup", "raw": HANGUP,
+                "record_url": url}
+    for parsed in (event(1, "hangup", HANGUP, record_url=url),  # the SQL column
+                   event(1, "hangup", envelope),  # the envelope
+                   *(event(1, "hangup", {**HANGUP, key: url})  # the raw body
+                     for key in ("RecordUrl", "record_url", "RecordURL", "recordUrl"))):
+        assert parsed.record_url is None, url
+        assert parsed.record_url_dropped
+    state = fold_call([event(1, "dial", DIAL), event(2, "hangup", HANGUP, record_url=url)])
+    assert state.record_url is None
+
+
+@pytest.mark.parametrize("url", [
+    "https://rec.example/1757772742.60.mp3", "http://10.0.0.5:8080/rec?id=60&fmt=mp3",
+    "HTTPS://REC.EXAMPLE/A.MP3", "https://records.example.by/" + "a" * 1900 + ".mp3",
+])
+def test_a_recording_url_is_kept_as_given(url: str) -> None:
+    parsed = event(1, "hangup", {**HANGUP, "RecordUrl": url})
+    assert (parsed.record_url, parsed.record_url_dropped) == (url, False)
+    assert event(1, "hangup", HANGUP).record_url_dropped is False  # none given: none dropped
+
+
 def test_unique_id_column_wins_and_body_fills_in() -> None:
     assert event(1, "dial", {**DIAL, "UniqueId": "other"}).unique_id == UID
     assert event(1, "dial", DIAL, unique_id="").unique_id == UID

@@ -12,8 +12,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
+from daemon.logconfig import redact
 from daemon.settings import Settings
 from tests.conftest import TEST_SERVICE_TOKEN
 from tests.support.bodies import dial, hangup
@@ -359,3 +361,20 @@ async def test_metrics_expose_the_pipeline(
                  "crm_bridge_leases_reclaimed_total", "crm_bridge_rate_limited_waits_total",
                  "crm_bridge_event_loop_lag_seconds"):
         assert name in lines, name
+
+
+async def test_an_enterprise_s_secrets_never_reach_a_log_line_by_value(
+    pool: asyncpg.Pool, make_settings: Callable[..., Settings], upstream: FakeUpstream
+) -> None:
+    settings = make_settings(integration="tests.support.leaky", max_attempts=1, **FAST)
+    await enterprises(pool, settings, upstream, 1)
+    processors = [structlog.processors.format_exc_info, redact]  # the production chain's end
+    with capture_logs(processors=processors) as captured:
+        async with running(settings):
+            await insert_event(pool, "dial", dial(1, token="tok0001"))
+            await settled(pool, 1)
+    events = [e["event"] for e in captured]
+    assert "crm_echoed" in events and "adapter_bug" in events  # it did try to leak
+    text = json.dumps(captured, default=str)
+    assert "a bug quoting ***" in text and "said ***" in text
+    assert "key-0001" not in text

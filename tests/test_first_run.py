@@ -24,8 +24,12 @@ SET_UP_FILES = ("Makefile", "setup.cfg", "pyproject.toml", "deploy/devenv.sh")
 def _checkout(tmp_path: Path) -> Path:
     root = tmp_path / "checkout"
     (root / "deploy").mkdir(parents=True)
+    # The copy shares this checkout's virtualenv: its set-up files must look older than the
+    # venv's stamp, or `make run` would reinstall into the shared venv from the copy's path.
+    stamp = (ROOT / ".venv" / ".installed").stat().st_mtime
     for name in SET_UP_FILES:
-        shutil.copy2(ROOT / name, root / name)  # mtimes kept: the venv's stamp stays valid
+        shutil.copy2(ROOT / name, root / name)
+        os.utime(root / name, (stamp - 1, stamp - 1))
     (root / "daemon").symlink_to(ROOT / "daemon")  # python -m daemon.pgcluster (make stop)
     (root / ".venv").symlink_to(ROOT / ".venv")
     if os.geteuid() == 0:  # the cluster runs as postgres, which must reach its folder

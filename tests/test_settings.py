@@ -90,6 +90,22 @@ def test_no_fallback_secrets_outside_dev_mode() -> None:
     assert load({**env, "CRM_BRIDGE_DEV_MODE": "1"}).secret_key != dev.secret_key
 
 
+def test_private_crms_are_off_unless_asked_for_or_in_development_mode() -> None:
+    assert load(GOOD).allow_private_crm is False
+    assert load({**GOOD, "CRM_BRIDGE_ALLOW_PRIVATE_CRM": "1"}).allow_private_crm is True
+    dev = {**GOOD, "CRM_BRIDGE_DEV_MODE": "1"}
+    assert load(dev).allow_private_crm is True  # the simulator on 127.0.0.1
+    assert load({**dev, "CRM_BRIDGE_ALLOW_PRIVATE_CRM": "0"}).allow_private_crm is False
+    with pytest.raises(SettingsError) as info:
+        load({**GOOD, "CRM_BRIDGE_MAX_RESPONSE_BYTES": "1000"})
+    assert info.value.variable == "CRM_BRIDGE_MAX_RESPONSE_BYTES"
+    settings = load(GOOD)
+    assert (settings.max_response_bytes, settings.http_header_timeout_s,
+            settings.http_body_timeout_s, settings.http_max_connections) == (
+        1_048_576, 5.0, 10.0, 1000)
+    assert settings.adapter_settings()["allow_private_crm"] is False
+
+
 def test_mask_url_password() -> None:
     assert mask_url_password("postgresql://u@h/db") == "postgresql://u@h/db"
     assert mask_url_password("postgresql://u:p%40ss@h/db") == "postgresql://u:***@h/db"

@@ -12,7 +12,6 @@ an unknown enterprise 404, a CRM that failed 502, a state that forbids the actio
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from typing import Any, Final
@@ -23,6 +22,7 @@ from daemon import diagnostics, journal
 from daemon.errors import ConfigError, DeliveryError
 from daemon.integrations.base import RegistrationResult
 from daemon.runtime import RUNTIME
+from web import bodies
 from web.auth import require_admin, require_service_token
 from web.middlewares import HttpError, field_error
 
@@ -34,16 +34,14 @@ UPSTREAM_ERRORS: Final = frozenset({"auth_failed", "payment_required", "invalid_
 
 
 async def read_json(request: web.Request, *, optional: bool = False) -> Any:
-    """The request's JSON body (``optional``: None when empty); 400 ``body`` otherwise."""
-    raw = await request.read()
+    """The request's JSON body (``optional``: None when empty), decoded by the one JSON
+    parser of every route (``web.bodies``); 400 ``body`` otherwise."""
+    raw = await bodies.read_body(request)
     if not raw.strip():
         if optional:
             return None
         raise field_error("body", "a JSON object is required")
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise field_error("body", "is not valid JSON") from None
+    return bodies.decode_json(raw)
 
 
 def _object(body: Any) -> Mapping[str, Any]:

@@ -1,12 +1,11 @@
 """The service API (service-token authenticated): event ingest, config cache, enablement, stats.
 
 Contracts are in docs/api.md. Every answer is JSON; errors carry ``error`` (a stable id),
-``message`` and ``details.field`` for bad input.
+``message`` and ``details.field`` for bad input. JSON bodies are read by ``web.bodies``.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
@@ -15,16 +14,10 @@ from daemon.cache import Entry
 from daemon.ingest import FieldError, IncomingEvent, UnknownToken, accept, parse_envelope, parse_raw
 from daemon.runtime import RUNTIME, Runtime
 from web.auth import require_service_token
+from web.bodies import read_json
 from web.middlewares import HttpError, field_error
 
 routes = web.RouteTableDef()
-
-
-async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise field_error("body", "is not valid JSON") from None
 
 
 async def _ingest(request: web.Request, parsed: IncomingEvent | str) -> web.Response:
@@ -48,7 +41,7 @@ async def post_event(request: web.Request) -> web.Response:
     """The platform's envelope ``{token, uniqueId, event_type, raw, record_url?, origin?}``."""
     require_service_token(request)
     try:
-        parsed = parse_envelope(await _json_body(request))
+        parsed = parse_envelope(await read_json(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
     return await _ingest(request, parsed)
@@ -59,7 +52,7 @@ async def post_raw_event(request: web.Request) -> web.Response:
     """A raw Asterisk body (with ``Token`` and ``UniqueId``)."""
     require_service_token(request)
     try:
-        parsed = parse_raw(request.match_info["event_type"], await _json_body(request))
+        parsed = parse_raw(request.match_info["event_type"], await read_json(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
     return await _ingest(request, parsed)

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from daemon.integrations.base import CALLBACK_DEPS
 from daemon.runtime import RUNTIME, Runtime
-from web import admin, admin_api, api, dialplan, health, middlewares, openapi
+from web import admin, admin_api, api, bodies, dialplan, health, middlewares, openapi
 from web.auth import admin_prefix
 from web.templating import TEMPLATES, environment
 
@@ -18,7 +18,7 @@ MAX_BODY_BYTES = 1024 * 1024
 def create_app(runtime: Runtime) -> web.Application:
     """The whole HTTP surface of one process."""
     app = web.Application(
-        middlewares=[middlewares.measure, middlewares.errors],
+        middlewares=[middlewares.measure, middlewares.errors, bodies.refuse_malformed],
         client_max_size=MAX_BODY_BYTES,
     )
     app[RUNTIME] = runtime

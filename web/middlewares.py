@@ -59,8 +59,19 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if exc.content_type == "application/json":  # an answer in its route's own shape
+            return web.Response(status=exc.status, body=exc.body,
+                                content_type="application/json")
         error_id = _REASONS.get(exc.status, f"http_{exc.status}")
         return HttpError(exc.status, error_id, exc.reason).response()
+    except ConnectionResetError:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            log.exception("request_failed", path=request.path, method=request.method)
+            return HttpError(500, "internal", "internal error; see the server log").response()
+        # The client left, or the server cut it (a body past its deadline): nobody to answer.
+        log.debug("request_abandoned", path=request.path, method=request.method)
+        return HttpError(408, "request_timeout", "the request did not arrive in time").response()
     except Exception:
         log.exception("request_failed", path=request.path, method=request.method)
         return HttpError(500, "internal", "internal error; see the server log").response()

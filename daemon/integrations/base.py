@@ -246,16 +246,18 @@ class CallbackDeps:
     Routes receive these; they never import the Runtime or web/.
 
     ``enterprise_by_secret`` maps a callback secret (RetailCRM's clientId) to its enterprise
-    through its keyed fingerprint; ``serving_config`` is an enterprise's parsed config when
-    this integration serves it (the enterprise active, the integration enabled and valid),
-    else None. Both answer from memory, never awaiting. ``statuses_changed`` is called
-    after a route stored a manager's status: this instance forgets what it remembered of
-    the enterprise's statuses at once (the others learn of it through ``NOTIFY``).
+    through its keyed fingerprint; ``config_of`` is an enterprise's parsed config whatever
+    its state (None: unknown or invalid); ``serving_config`` the same only when this
+    integration serves it (the enterprise active, the integration enabled and valid). All
+    three answer from memory, never awaiting. ``statuses_changed`` is called after a route
+    stored a manager's status: this instance forgets what it remembered of the enterprise's
+    statuses at once (the others learn of it through ``NOTIFY``).
     """
 
     integration: str
     pool: asyncpg.Pool
     enterprise_by_secret: Callable[[str], str | None]
+    config_of: Callable[[str], IntegrationConfig | None]
     serving_config: Callable[[str], IntegrationConfig | None]
     statuses_changed: Callable[[str], None]
     pbx: Pbx

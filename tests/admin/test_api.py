@@ -84,7 +84,7 @@ async def test_a_partial_update_changes_only_what_it_names(
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"time_zone": "Mars/Olympus_Mons"}, "time_zone"),
-    ({"domain": "http://shop.example.com"}, "domain"),
+    ({"domain": "https://shop.example.com/api"}, "domain"),
     ({"region": "XX"}, "region"),
     ({"enabled": "yes"}, "enabled"),
     ({"user_extensions": {"1": "103"}}, "user_extensions"),

@@ -56,7 +56,7 @@ def adapter(pool: asyncpg.Pool, http: aiohttp.ClientSession, crypto: Crypto) -> 
     return create_adapter(AdapterDeps(
         crypto=crypto, http=http, pool=pool, public_url=PUBLIC, secret_key=TEST_SECRET_KEY,
         settings={"retailcrm_module_code": "vochi-telephony",
-                  "retailcrm_module_name": "Vochi-CRM"}))
+                  "retailcrm_module_name": "Vochi-CRM", "allow_private_crm": True}))
 
 
 def retailcrm_config(crypto: Crypto, domain: str, key: str = KEY, **extra: Any) -> dict[str, Any]:

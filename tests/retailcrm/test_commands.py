@@ -23,6 +23,7 @@ from daemon.integrations.retailcrm.simulator import Simulator
 from daemon.settings import Settings
 from tests.conftest import settings_env
 from tests.retailcrm.conftest import AMOCRM, ENTERPRISE, KEY, PUBLIC, amocrm_text, seed, stored
+from tests.support.bytesink import ByteSink
 from tests.support.daemon import ROOT
 from tests.support.seed import add_enterprise
 
@@ -119,13 +120,14 @@ async def test_configure_then_test(
     before = await pool.fetchval("SELECT integrations_config::text FROM enterprises "
                                  "WHERE number = $1", ENTERPRISE)
     refusals = await asyncio.gather(
-        cli("configure", ENTERPRISE, "--domain", "http://crm.example.com"),
+        cli("configure", ENTERPRISE, "--domain", "https://crm.example.com/api"),
         cli("configure", ENTERPRISE, "--time-zone", "Mars/Olympus"),
         cli("configure", "9999", "--enable"),
     )
     assert [code for code, _said in refusals] == [1] * 3
     messages = [said for _code, said in refusals]
-    assert messages[0] == "Nothing was saved: domain: must use https."
+    assert messages[0] == ("Nothing was saved: domain: expected the account address without "
+                           "a path.")
     assert messages[1] == "Nothing was saved: time_zone: unknown time zone 'Mars/Olympus'."
     assert messages[2] == "Nothing was saved: there is no enterprise 9999."
     assert await pool.fetchval("SELECT integrations_config::text FROM enterprises "
@@ -173,6 +175,61 @@ async def test_register_sync_and_unregister(
     rotated = crypto.decrypt(raw["client_id"])
     assert sim.state.modules["vochi-telephony"]["active"] is False
     cli.assert_no_secret(KEY, first, rotated)
+
+
+async def test_no_key_reaches_a_private_port_unless_the_operator_allows_it(
+    pool: asyncpg.Pool, crypto: Crypto, database_url: str
+) -> None:
+    async with ByteSink() as postgres:
+        # Written by another service, past every check: the CLI must still refuse it.
+        await seed(pool, crypto, f"http://127.0.0.1:{postgres.port}")
+        cli = Cli(database_url)
+        cli.env["CRM_BRIDGE_ALLOW_PRIVATE_CRM"] = "0"
+        (code, tested), (code2, registered) = await asyncio.gather(
+            cli("test", ENTERPRISE), cli("register", ENTERPRISE))
+        assert (code, code2) == (1, 1)
+        assert tested == ("The stored RetailCRM configuration is invalid: domain: must use "
+                          "https.")
+        assert "invalid: domain: must use https" in registered
+        refusals = await asyncio.gather(*(
+            cli("configure", ENTERPRISE, "--domain", domain) for domain in (
+                f"http://127.0.0.1:{postgres.port}", f"https://127.0.0.1:{postgres.port}",
+                f"https://[::ffff:127.0.0.1]:{postgres.port}", f"localhost:{postgres.port}")))
+        assert [said for _code, said in refusals] == [
+            "Nothing was saved: domain: must use https.",
+            "Nothing was saved: domain: must be a host name, not an IP address.",
+            "Nothing was saved: domain: must be a host name, not an IP address.",
+            "Nothing was saved: domain: must not be localhost.",
+        ]
+        assert postgres.connections == 0 and not postgres.received
+
+        # With the operator's permission the same command does connect (the sink is no CRM).
+        cli.env["CRM_BRIDGE_ALLOW_PRIVATE_CRM"] = "1"
+        code, said = await cli("test", ENTERPRISE)
+        assert code == 1 and "lacks the permissions" in said  # it answered {}
+        assert b"X-API-KEY" in postgres.received
+        cli.assert_no_secret(KEY)
+
+
+async def test_what_retailcrm_echoes_back_is_never_printed(
+    sim: Simulator, pool: asyncpg.Pool, crypto: Crypto, database_url: str
+) -> None:
+    await seed(pool, crypto, sim.url, user_extensions={"1": "101"})
+    cli = Cli(database_url)
+    code, said = await cli("register", ENTERPRISE)
+    assert code == 0, said
+    client_id = crypto.decrypt((await _raw(pool))["client_id"])
+    sim.add_fault(path="/api/credentials", status=400, count=1, body={
+        "success": False, "errorMsg": f"clientId {client_id} is not yours",
+        "errors": {client_id: "unknown", "apiKey": KEY}})
+    code, said = await cli("test", ENTERPRISE)
+    assert code == 1 and "is not yours" in said and "***" in said
+    sim.add_fault(path="/api/v5/integration-modules", status=200, count=1, body={
+        "success": True, "info": {"notExistUsersIds": [client_id, KEY],
+                                  "notExistSiteCodes": [f"site-{client_id}"]}})
+    code, said = await cli("sync-extensions", ENTERPRISE)
+    assert code == 0 and "does not know the users ***, ***" in said
+    cli.assert_no_secret(KEY, client_id)
 
 
 # ---------------------------------------------------------------------- in process

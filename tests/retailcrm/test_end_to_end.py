@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+from structlog.testing import capture_logs
 
 from daemon.crypto import Crypto
 from daemon.integrations.retailcrm.simulator import Simulator
@@ -121,3 +122,28 @@ async def wait_until_done(pool: asyncpg.Pool, count: int) -> None:
     while (await statuses(pool)).count("done") != count:
         assert time.monotonic() < deadline, await statuses(pool)
         await asyncio.sleep(0.05)
+
+
+async def test_a_record_url_that_is_no_http_url_never_reaches_retailcrm(
+    sim: Simulator, pool: asyncpg.Pool, crypto: Crypto, make_settings: Callable[..., Settings]
+) -> None:
+    await seed(pool, crypto, sim.url, user_extensions={"1": "101"}, popup_hangup=False)
+    hangup = {"CallType": 0, "Phone": "+375291112233", "Trunk": "0001363",
+              "Extensions": ["101"], "CallStatus": "2", "StartTime": "2025-01-09 19:30:00",
+              "EndTime": "2025-01-09 19:30:25"}
+    with capture_logs() as logs:
+        async with running(make_settings(poll_interval_s=0.2)):
+            await insert_event(pool, "hangup", body(
+                "1757772742.62", RecordUrl="javascript:alert(1)", **hangup))
+            await insert_event(pool, "hangup", body("1757772742.63", **hangup),
+                               record_url="file:///etc/passwd")
+            await insert_event(pool, "hangup", body("1757772742.64", **hangup),
+                               record_url=RECORD)
+            await wait_until(lambda: len(sim.state.uploaded_calls) == 3)
+    uploaded = sim.state.uploaded_calls
+    assert "recordUrl" not in uploaded["1757772742.62"]
+    assert "recordUrl" not in uploaded["1757772742.63"]
+    assert uploaded["1757772742.64"]["recordUrl"] == RECORD
+    dropped = [e for e in logs if e["event"] == "record_url_dropped"]
+    assert sorted(e["unique_id"] for e in dropped) == ["1757772742.62", "1757772742.63"]
+    assert all("javascript" not in str(e) and "passwd" not in str(e) for e in dropped)

@@ -19,6 +19,7 @@ from structlog.testing import capture_logs
 from daemon.crypto import Crypto
 from daemon.integrations.retailcrm import RetailCrmAdapter
 from daemon.integrations.retailcrm.simulator import Simulator
+from daemon.logconfig import redact
 from daemon.settings import Settings
 from tests.conftest import TEST_SERVICE_TOKEN, settings_env
 from tests.retailcrm.conftest import ENTERPRISE, KEY, seed, stored
@@ -152,3 +153,35 @@ async def test_a_real_daemon_s_stdout_has_no_secret(
     text = json.dumps(daemon.lines, ensure_ascii=False)
     assert "delivery_" in text or "auth" in text  # the failures were logged...
     assert not leaked(text, [KEY, client_id])  # ...without the secrets
+
+
+async def test_a_secret_echoed_as_an_object_key_never_reaches_a_row(
+    adapter: RetailCrmAdapter, sim: Simulator, pool: asyncpg.Pool, crypto: Crypto,
+    make_settings: Callable[..., Settings],
+) -> None:
+    await seed(pool, crypto, sim.url, user_extensions={"1": "101"})
+    assert (await adapter.register(ENTERPRISE)).ok
+    client_id = crypto.decrypt((await stored(pool))["client_id"])
+    # RetailCRM quoting the clientId and the key back as keys of its answer: refused once,
+    # then "accepted".
+    sim.add_fault(path="/api/v5/telephony/call/event", status=400, count=1, body={
+        "success": False, "errorMsg": "unknown codes",
+        "errors": {client_id: "is not a code", KEY: {"nested": {client_id: KEY}}}})
+    sim.add_fault(path="/api/v5/telephony/calls/upload", status=200, count=1, body={
+        "success": True, "processedCallsCount": 1, "duplicateCalls": [],
+        "echo": {client_id: [KEY], f"clientId={client_id}": 1}})
+    with capture_logs(processors=[redact]) as logs:
+        async with running(make_settings(poll_interval_s=0.1, max_attempts=1)):
+            await insert_event(pool, "dial", call(9, "dial"))
+            await insert_event(pool, "hangup", call(9, "hangup"))
+            deadline = time.monotonic() + 15
+            while await pool.fetchval(
+                    "SELECT count(*) FROM crm_deliveries WHERE status = 'pending'"):
+                assert time.monotonic() < deadline, "not settled"
+                await asyncio.sleep(0.05)
+    rows = await all_logs_text(pool)
+    assert '"***"' in rows  # the echoes were there, as keys, and were masked
+    assert not leaked(rows, [KEY, client_id])
+    errors = await pool.fetchval("SELECT string_agg(last_error, ' ') FROM crm_deliveries")
+    assert not leaked(errors or "", [KEY, client_id])
+    assert not leaked(json.dumps(logs, ensure_ascii=False, default=str), [KEY, client_id])

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -520,8 +521,26 @@ async def test_fault_stall_holds_until_reset(sim: Simulator, http: aiohttp.Clien
         await asyncio.wait_for(stalled, 2)
 
 
+async def test_fault_bloat_streams_a_huge_or_inflating_body(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    await control(http, sim, "POST", "/_fault", {"bloat_bytes": 3_000_000, "count": 1})
+    async with http.get(sim.url + "/api/credentials", headers=HEADERS) as resp:
+        assert (resp.status, resp.content_length) == (200, 3_000_000)
+        body = await resp.read()
+    assert body.startswith(b'{"success": true, "pad": "') and len(body) == 3_000_000
+    await control(http, sim, "POST", "/_fault", {"bloat_bytes": 3_000_000, "gzip": True})
+    async with http.get(sim.url + "/api/credentials", headers=HEADERS,
+                        auto_decompress=False) as resp:
+        assert resp.headers["Content-Encoding"] == "gzip"
+        wire = await resp.read()
+    assert len(wire) < 30_000  # a bomb: a few KiB inflating to 3 MB
+    assert len(zlib.decompress(wire, 31)) == 3_000_000
+
+
 async def test_fault_control_rejects_nonsense(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    for body in ({"status": 42}, {"colour": "red"}, {"count": 0}, [1, 2]):
+    for body in ({"status": 42}, {"colour": "red"}, {"count": 0}, [1, 2], {"gzip": True},
+                 {"bloat_bytes": -1}):
         async with http.post(sim.url + "/_fault", json=body) as resp:
             assert resp.status == 400
             assert (await resp.json())["error"]

@@ -21,6 +21,7 @@ from daemon import runtime
 from daemon.runtime import Runtime
 from daemon.settings import Settings
 from web.app import create_app
+from web.server import Limits, Runner
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,13 +30,17 @@ ROOT = Path(__file__).resolve().parents[2]
 class InProcess:
     rt: Runtime
     url: str
+    app: web.Application
 
 
 @contextlib.asynccontextmanager
 async def running(settings: Settings) -> AsyncIterator[InProcess]:
     """The whole daemon in this event loop; stopped gracefully on exit."""
     async with runtime.build(settings) as rt:
-        runner = web.AppRunner(create_app(rt), access_log=None)
+        cut = rt.metrics.http_cut
+        app = create_app(rt)
+        runner = Runner(app, Limits.from_settings(settings),
+                        on_cut=lambda reason: cut.labels(reason).inc())
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
@@ -43,7 +48,7 @@ async def running(settings: Settings) -> AsyncIterator[InProcess]:
         if rt.listener is not None:
             await asyncio.wait_for(rt.listener.caught_up.wait(), 10)
         try:
-            yield InProcess(rt, f"http://127.0.0.1:{port}")
+            yield InProcess(rt, f"http://127.0.0.1:{port}", app)
         finally:
             rt.supervisor.stop()
             await rt.supervisor.join(settings.shutdown_grace_s + 5)

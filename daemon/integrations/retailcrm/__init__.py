@@ -34,7 +34,7 @@ import structlog
 from aiohttp import web
 
 from daemon import store
-from daemon.calls import StoredEvent, parse_call, parse_event
+from daemon.calls import MAX_RECORD_URL_CHARS, StoredEvent, parse_call, parse_event
 from daemon.errors import ConfigError, DeliveryError, Permanent
 from daemon.integrations.base import (
     AdapterDeps,
@@ -53,7 +53,11 @@ from daemon.integrations.base import (
 )
 from daemon.integrations.retailcrm import account, extensions, routing
 from daemon.integrations.retailcrm import config as cfg
-from daemon.integrations.retailcrm.client import MAX_UPLOAD_BATCH, RetailCrmClient
+from daemon.integrations.retailcrm.client import (
+    MAX_UPLOAD_BATCH,
+    RetailCrmClient,
+    account_client,
+)
 from daemon.integrations.retailcrm.events import MappingOptions, Plan, batches, plan
 from daemon.integrations.retailcrm.module import LINK_REFRESH_S, ModuleIdentity, Registrar
 
@@ -79,12 +83,13 @@ class RetailCrmAdapter:
 
     name = NAME
     event_types = frozenset({"dial", "hangup", "download"})
-    # RetailCRM's documented client-side limits per API key (docs/retailcrm.md).
+    # RetailCRM's client-side limits per API key, as its official clients keep them.
     rate_limits: Mapping[str, float] = {"default": 10.0, "telephony": 40.0}
     max_batch = MAX_UPLOAD_BATCH
 
     def __init__(self, deps: AdapterDeps) -> None:
         self.deps = deps
+        self.allow_private = cfg.allows_private(deps.settings)
         self.identity = ModuleIdentity.from_deps(deps)
         self.registrar = Registrar(deps, self.identity)
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
@@ -97,7 +102,7 @@ class RetailCrmAdapter:
 
     def parse_config(self, raw: Mapping[str, Any]) -> cfg.RetailCrmConfig:
         """Validate ``integrations_config['retailcrm']`` (decrypting its secrets)."""
-        return cfg.parse(raw, self.deps.crypto)
+        return cfg.parse(raw, self.deps.crypto, allow_private=self.allow_private)
 
     def batch_key(self, event: StoredEvent, config: IntegrationConfig) -> str | None:
         """Upload-only deliveries of one enterprise share upload requests: downloads (the
@@ -113,10 +118,9 @@ class RetailCrmAdapter:
                timeout_s: float = 3.0) -> RetailCrmClient:
         """A client for one enterprise's account (recording exchanges into ``ctx``)."""
         if ctx is None:
-            return RetailCrmClient(self.deps.http, config.domain, config.api_key,
-                                   timeout_s=timeout_s)
-        return RetailCrmClient(self.deps.http, config.domain, config.api_key,
-                               timeout_s=ctx.timeout_s, gate=ctx.gate, on_exchange=ctx.record)
+            return account_client(self.deps, config, timeout_s=timeout_s)
+        return account_client(self.deps, config, timeout_s=ctx.timeout_s, gate=ctx.gate,
+                              on_exchange=ctx.record)
 
     async def deliver(self, ctx: DeliveryContext) -> Outcome:
         """Map one event with its call and send what the mapping says."""
@@ -156,6 +160,10 @@ class RetailCrmAdapter:
     async def _plan(self, ctx: DeliveryContext) -> Plan:
         config = _config(ctx)
         current = parse_event(ctx.event)
+        if current.record_url_dropped:
+            log.warning("record_url_dropped", unique_id=ctx.event.unique_id,
+                        reason="not an absolute http(s) URL of at most "
+                        f"{MAX_RECORD_URL_CHARS} characters")
         events, _rejected = parse_call(await ctx.load_call())
         options = await self.options(ctx.enterprise, config)
         planned = plan(current, events, options)
@@ -306,18 +314,21 @@ class RetailCrmAdapter:
 
     async def read_settings(self, enterprise: str) -> dict[str, Any]:
         """The masked settings view (``account.view``)."""
-        return account.view(await cfg.read_raw(self.deps.pool, enterprise), self.deps.crypto)
+        return account.view(await cfg.read_raw(self.deps.pool, enterprise), self.deps.crypto,
+                            allow_private=self.allow_private)
 
     async def write_settings(self, enterprise: str, changes: Mapping[str, Any]
                              ) -> dict[str, Any]:
         """A validated partial update (``account.update``)."""
-        return await account.update(self.deps.pool, enterprise, changes, self.deps.crypto)
+        return await account.update(self.deps.pool, enterprise, changes, self.deps.crypto,
+                                    allow_private=self.allow_private)
 
     async def test_connection(self, enterprise: str,
                               changes: Mapping[str, Any] | None = None) -> CredentialsCheck:
         """``check_credentials`` of the stored settings (with ``changes``, unsaved)."""
         current = await cfg.read_raw(self.deps.pool, enterprise)
-        _values, config = account.prepare(current, changes or {}, self.deps.crypto)
+        _values, config = account.prepare(current, changes or {}, self.deps.crypto,
+                                          allow_private=self.allow_private)
         return await self.check_credentials(config)
 
     async def managers(self, enterprise: str) -> ManagersView:
@@ -343,7 +354,7 @@ class RetailCrmAdapter:
 
     async def _stored_config(self, enterprise: str) -> cfg.RetailCrmConfig:
         return cfg.parse(await cfg.read_raw(self.deps.pool, enterprise) or {},
-                         self.deps.crypto)
+                         self.deps.crypto, allow_private=self.allow_private)
 
     async def reconcile(self) -> int:
         """Re-sync every enterprise whose sync is pending or whose link is getting old

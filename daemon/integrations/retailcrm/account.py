@@ -48,13 +48,15 @@ def mask_key(key: str) -> str:
     return MASK_DOT * 8 + shown
 
 
-def view(raw: Mapping[str, Any] | None, crypto: Crypto) -> dict[str, Any]:
+def view(raw: Mapping[str, Any] | None, crypto: Crypto, *,
+         allow_private: bool = False) -> dict[str, Any]:
     """The settings a person may see (see the module docstring). A stored configuration
-    that does not validate is still shown, with ``invalid`` saying why."""
+    that does not validate is still shown, with ``invalid`` saying why. ``allow_private``:
+    ``CRM_BRIDGE_ALLOW_PRIVATE_CRM`` (see ``config.normalize_domain``)."""
     raw = raw or {}
     invalid: str | None = None
     try:
-        config = cfg.parse(raw, crypto)
+        config = cfg.parse(raw, crypto, allow_private=allow_private)
     except ConfigError as exc:
         invalid = str(exc)
         config = cfg.RetailCrmConfig(enabled=False, domain="", api_key="")
@@ -82,7 +84,8 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-def encode(changes: Mapping[str, Any], crypto: Crypto) -> dict[str, Any]:
+def encode(changes: Mapping[str, Any], crypto: Crypto, *,
+           allow_private: bool = False) -> dict[str, Any]:
     """The stored keys a partial update sets, each value checked on its own (no database:
     the CLI refuses a bad flag before connecting); ``ConfigError`` names the first field
     that is unknown, read-only or malformed."""
@@ -102,7 +105,7 @@ def encode(changes: Mapping[str, Any], crypto: Crypto) -> dict[str, Any]:
                 raise ConfigError(name, "expected true or false")
             values[name] = value
         elif name in TEXTS:
-            values[name] = _setting_text(name, value)
+            values[name] = _setting_text(name, value, allow_private)
         elif name == "external_phones":
             values[name] = _external_phones(value)
         else:
@@ -111,13 +114,14 @@ def encode(changes: Mapping[str, Any], crypto: Crypto) -> dict[str, Any]:
 
 
 def prepare(current: Mapping[str, Any] | None, changes: Mapping[str, Any],
-            crypto: Crypto) -> tuple[dict[str, Any], cfg.RetailCrmConfig]:
+            crypto: Crypto, *, allow_private: bool = False
+            ) -> tuple[dict[str, Any], cfg.RetailCrmConfig]:
     """(the stored keys to write, the configuration they make with ``current``):
     :func:`encode`, then the whole result validated by ``config.parse`` — ``ConfigError``
     names the field, and then nothing may be written."""
-    values = encode(changes, crypto)
+    values = encode(changes, crypto, allow_private=allow_private)
     merged = {**(current or {}), **values}
-    return values, cfg.parse(merged, crypto)
+    return values, cfg.parse(merged, crypto, allow_private=allow_private)
 
 
 def _api_key(value: Any) -> str:
@@ -131,14 +135,14 @@ def _api_key(value: Any) -> str:
     return key
 
 
-def _setting_text(name: str, value: Any) -> Any:
+def _setting_text(name: str, value: Any, allow_private: bool) -> Any:
     if value is None:
         value = ""
     if not isinstance(value, str):
         raise ConfigError(name, "expected a string")
     value = value.strip()
     if name == "domain":
-        return cfg.normalize_domain(value) if value else ""
+        return cfg.normalize_domain(value, allow_private=allow_private) if value else ""
     if name == "region":
         return value.upper()
     if name == "site_code":
@@ -167,14 +171,14 @@ def _external_phones(value: Any) -> dict[str, str]:
 
 
 async def update(db: Executor, enterprise: str, changes: Mapping[str, Any],
-                 crypto: Crypto) -> dict[str, Any]:
+                 crypto: Crypto, *, allow_private: bool = False) -> dict[str, Any]:
     """Validate ``changes`` against the stored settings and write only what they set; the
     new :func:`view`. ``ConfigError`` (nothing written) for a bad value or no enterprise."""
     current = await cfg.read_raw(db, enterprise)
-    values, _config = prepare(current, changes, crypto)
+    values, _config = prepare(current, changes, crypto, allow_private=allow_private)
     if not values:
-        return view(current, crypto)
+        return view(current, crypto, allow_private=allow_private)
     stored = await cfg.write_keys(db, enterprise, values)
     if stored is None:
         raise ConfigError("enterprise", f"there is no enterprise {enterprise[:20]!r}")
-    return view(stored, crypto)
+    return view(stored, crypto, allow_private=allow_private)

@@ -6,7 +6,13 @@ failure to :class:`~daemon.errors.Retryable`, :class:`~daemon.errors.Permanent` 
 :class:`~daemon.errors.AuthFailed`. It is deliberately dumb: no database, no retries (the
 dispatcher decides), no logging; each round trip is handed to ``on_exchange`` for the
 caller's attempt log row. The API key goes out in a header only and never appears in an
-:class:`Exchange`, an error message or error details.
+:class:`Exchange`, an error message or error details; neither does any other secret the
+caller names (``secrets``: the clientId...), even when RetailCRM echoes it back — as a value,
+in a text or as an object key.
+
+Answers are read up to ``max_response_bytes`` after decompression (``response_too_large``
+past it, retryable; the body is not kept) and decoded by :mod:`daemon.strictjson`: an answer
+that is JSON but cannot be decoded safely (too deep, a number out of range) is ``malformed``.
 """
 
 from __future__ import annotations
@@ -24,13 +30,18 @@ from urllib.parse import urlencode
 import aiohttp
 from yarl import URL
 
-from daemon import errors
-from daemon.integrations.base import Exchange
+from daemon import egress, errors, logconfig, strictjson
+from daemon.integrations.base import AdapterDeps, Exchange
+from daemon.integrations.retailcrm.config import RetailCrmConfig
 
 MAX_UPLOAD_BATCH: Final = 50
 USERS_PAGE_LIMIT: Final = 100
 USER_STATUSES: Final = frozenset({"free", "busy", "dinner", "break"})
 DEFAULT_TIMEOUT_S: Final = 3.0
+DEFAULT_MAX_RESPONSE_BYTES: Final = 1_048_576
+READ_CHUNK_BYTES: Final = 65_536
+# RetailCRM's answers are a few levels deep; anything deeper is not an answer of its.
+MAX_REPLY_DEPTH: Final = 64
 EXCERPT_CHARS: Final = 300
 ERRORS_IN_MESSAGE_CHARS: Final = 300
 
@@ -94,17 +105,25 @@ class RetailCrmClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         gate: RequestGate | None = None,
         on_exchange: Callable[[Exchange], None] | None = None,
+        secrets: Sequence[str] = (),
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
     ) -> None:
         if not api_key:
             raise ValueError("api_key must not be empty")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
+        if max_response_bytes <= 0:
+            raise ValueError("max_response_bytes must be positive")
         self._session = session
         self._base = domain.rstrip("/")
         # Shown in messages: scheme and host only, so userinfo in a bad config never leaks.
         self._origin = str(URL(self._base).origin())
         self._api_key = api_key
+        # Longest first: a secret containing another is replaced whole.
+        self._hidden = tuple(sorted({api_key, *filter(None, secrets)}, key=len, reverse=True))
+        self._hidden_bytes = tuple(h.encode() for h in self._hidden)
         self._timeout_s = timeout_s
+        self._max_response_bytes = max_response_bytes
         self._gate = gate
         self._on_exchange = on_exchange
 
@@ -284,7 +303,7 @@ class RetailCrmClient:
                 timeout=aiohttp.ClientTimeout(total=total_s),
                 allow_redirects=False,
             ) as resp:
-                raw = await resp.read()
+                raw = await self._read(resp)
                 status = resp.status
                 content_type = resp.content_type
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -297,24 +316,31 @@ class RetailCrmClient:
             ) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             self._report(method, path, logged, None, None, loop.time() - started)
-            reason = self._scrub(f"{type(exc).__name__}: {exc}")
-            raise errors.Retryable(
-                f"RetailCRM {method} {path}: connection to {self._origin} failed ({reason})",
-                error_id="connection",
-            ) from None
+            raise self._connection_error(method, path, exc) from None
         duration_s = loop.time() - started
+        if raw is None:
+            self._report(method, path, logged, status, f"(an answer larger than "
+                         f"{self._max_response_bytes} bytes: not kept)", duration_s)
+            raise errors.Retryable(
+                f"RetailCRM {method} {path}: the answer from {self._origin} is larger than "
+                f"{self._max_response_bytes} bytes (HTTP {status}); it was not read",
+                error_id="response_too_large", status=status,
+            )
 
         body: Any = _NOT_JSON
+        rejected: strictjson.Rejected | None = None
         if raw:
             try:
-                body = json.loads(raw)
-            except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
-                body = _NOT_JSON
+                body = strictjson.loads(raw, max_depth=MAX_REPLY_DEPTH, check_text=False)
+            except strictjson.Rejected as exc:
+                rejected = None if exc.error_id == "invalid_json" else exc
         if isinstance(body, _NotJson):
             excerpt = self._scrub(raw[:EXCERPT_CHARS * 4].decode("utf-8", "replace"))
             self._report(method, path, logged, status, excerpt[:EXCERPT_CHARS], duration_s)
+            if rejected is not None:
+                raise self._malformed_error(method, path, status, rejected, retry_after)
             raise self._not_json_error(method, path, status, content_type, retry_after, location)
-        if self._api_key.encode() in raw:
+        if any(secret in raw for secret in self._hidden_bytes):
             body = self._scrub(body)
         self._report(method, path, logged, status, body, duration_s)
         if not isinstance(body, dict):
@@ -366,6 +392,51 @@ class RetailCrmClient:
                 error_id="success_false", status=status, details=details,
             ))
         return body
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes | None:
+        """The answer's body, decompressed, or None once it passes ``max_response_bytes``
+        (the rest is never read: the connection is closed, not reused)."""
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(READ_CHUNK_BYTES):
+            body += chunk
+            if len(body) > self._max_response_bytes:
+                return None
+        return bytes(body)
+
+    def _connection_error(self, method: str, path: str, exc: BaseException
+                          ) -> errors.DeliveryError:
+        """A failed connection: retryable, unless the address was refused (not public)."""
+        refused = egress.refusal(exc)
+        if refused is not None:
+            return errors.Permanent(
+                f"RetailCRM {method} {path}: {self._origin} was not contacted: "
+                f"{self._scrub(str(refused))}",
+                error_id="target_refused",
+            )
+        reason = self._scrub(f"{type(exc).__name__}: {exc}")
+        return errors.Retryable(
+            f"RetailCRM {method} {path}: connection to {self._origin} failed ({reason})",
+            error_id="connection",
+        )
+
+    def _malformed_error(
+        self, method: str, path: str, status: int, rejected: strictjson.Rejected,
+        retry_after: float | None,
+    ) -> errors.DeliveryError:
+        """A JSON answer that cannot be decoded safely: sending again gets the same answer
+        (``malformed``, dead letter) — unless the status itself says "try later"."""
+        said = f"HTTP {status}; the JSON body {rejected.message}"
+        if status in _RATE_LIMITED_STATUSES or status >= 500:
+            return errors.Retryable(
+                f"RetailCRM {method} {path}: server error at {self._origin} ({said})",
+                rate_limited=status in _RATE_LIMITED_STATUSES, retry_after=retry_after,
+                error_id="rate_limited" if status in _RATE_LIMITED_STATUSES
+                else f"http_{status}", status=status,
+            )
+        return errors.Permanent(
+            f"RetailCRM {method} {path}: the answer from {self._origin} cannot be decoded "
+            f"({said})", error_id="malformed", status=status,
+        )
 
     def _not_json_error(
         self, method: str, path: str, status: int, content_type: str,
@@ -425,9 +496,13 @@ class RetailCrmClient:
             self._on_exchange(Exchange(method, path, request, status, response, duration_s))
 
     def _scrub(self, value: Any) -> Any:
-        """Replace the API key wherever a server echoed it back (last line of defence)."""
+        """Replace every secret wherever a server echoed it back: in text, values and keys
+        (the last line of defence)."""
         if isinstance(value, str):
-            return value.replace(self._api_key, _REDACTED)
+            for secret in self._hidden:
+                if secret in value:
+                    value = value.replace(secret, _REDACTED)
+            return value
         if isinstance(value, dict):
             return {self._scrub(k): self._scrub(v) for k, v in value.items()}
         if isinstance(value, list):
@@ -440,6 +515,24 @@ class RetailCrmClient:
         error.details = self._scrub(error.details)
         error.args = (error.message,)
         return error
+
+
+def account_client(
+    deps: AdapterDeps, config: RetailCrmConfig, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+    gate: RequestGate | None = None, on_exchange: Callable[[Exchange], None] | None = None,
+    hidden: Sequence[str] = (),
+) -> RetailCrmClient:
+    """A client for one enterprise's account as the process is configured: the shared
+    session, the answer cap of ``deps.settings``, and every secret of ``config`` (plus
+    ``hidden``) scrubbed from whatever the client reports — and from whatever the calling
+    context logs from now on (``logconfig.hide``)."""
+    cap = deps.settings.get("max_response_bytes") or DEFAULT_MAX_RESPONSE_BYTES
+    logconfig.hide((*config.secrets(), *hidden))
+    return RetailCrmClient(
+        deps.http, config.domain, config.api_key, timeout_s=timeout_s, gate=gate,
+        on_exchange=on_exchange, secrets=(*config.secrets(), *hidden),
+        max_response_bytes=int(cap),
+    )
 
 
 def _segment(value: str) -> str:

@@ -37,13 +37,14 @@ from typing import Any, Final
 import aiohttp
 import asyncpg
 
-from daemon import db, store
+from daemon import db, egress, store
 from daemon.crypto import Crypto
 from daemon.errors import ConfigError
 from daemon.integrations import load
 from daemon.integrations.base import AdapterDeps, RegistrationResult
 from daemon.integrations.retailcrm import RetailCrmAdapter, account
 from daemon.integrations.retailcrm import config as cfg
+from daemon.logs import mask
 from daemon.settings import Settings
 
 EXIT_OK: Final = 0
@@ -147,13 +148,12 @@ async def _tools(settings: Settings) -> AsyncIterator[_Tools]:
         application_name="crm-bridge:retailcrm-cli")
     try:
         timeout = aiohttp.ClientTimeout(total=HTTP_TOTAL_S, connect=HTTP_CONNECT_S)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        connector = egress.connector(allow_private=settings.allow_private_crm)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
             crypto = Crypto(settings.encryption_keys, settings.secret_key)
             adapter = load(cfg.KEY, AdapterDeps(
                 crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
-                secret_key=settings.secret_key,
-                settings={"retailcrm_module_code": settings.retailcrm_module_code,
-                          "retailcrm_module_name": settings.retailcrm_module_name}))
+                secret_key=settings.secret_key, settings=settings.adapter_settings()))
             assert isinstance(adapter, RetailCrmAdapter)
             yield _Tools(pool, crypto, adapter)
     finally:
@@ -187,11 +187,11 @@ def _test(args: argparse.Namespace, settings: Settings) -> int:
             return False, (f"Enterprise {args.enterprise} has no RetailCRM configuration (or "
                            "does not exist): run crm-bridge retailcrm configure first.")
         try:
-            config = cfg.parse(raw, tools.crypto)
+            config = tools.adapter.parse_config(raw)
         except ConfigError as exc:
             return False, f"The stored RetailCRM configuration is invalid: {exc}."
         check = await tools.adapter.check_credentials(config)
-        return check.ok, check.message
+        return check.ok, mask(check.message, config.secrets())
 
     return _run(settings, work)
 
@@ -220,7 +220,8 @@ def _sync(args: argparse.Namespace, settings: Settings) -> int:
 def _configure(args: argparse.Namespace, settings: Settings) -> int:
     try:
         changes = _changes(args)
-        account.encode(changes, Crypto(settings.encryption_keys, settings.secret_key))
+        account.encode(changes, Crypto(settings.encryption_keys, settings.secret_key),
+                       allow_private=settings.allow_private_crm)
     except ConfigError as exc:
         print(f"Nothing was saved: {exc}.", file=sys.stderr, flush=True)
         return EXIT_FAILED

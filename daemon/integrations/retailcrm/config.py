@@ -50,8 +50,22 @@ SWITCHES = ("popup_incoming", "popup_outgoing", "popup_hangup", "upload_history"
 _EXTENSION = re.compile(r"^[0-9*#+]{1,20}$")
 _USER_ID = re.compile(r"^[0-9]{1,12}$")
 _TRUNK = re.compile(r"^.{1,40}$")
-# What ``normalize_domain`` returns unchanged: an https host name, lower case, no port.
-_NORMALIZED_DOMAIN = re.compile(r"https://[a-z0-9.-]+")
+# A DNS host name: dot-separated labels of letters, digits and inner hyphens, the last
+# one not all digits (``127.1`` and ``2130706433`` are IPv4 addresses to a resolver).
+_DNS_NAME = re.compile(
+    r"(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*"
+    r"(?=[a-z0-9-]*[a-z])[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+)
+_MAX_HOST_CHARS = 253
+# What ``normalize_domain`` returns unchanged: an https host name with a dot, lower case,
+# no port (the shape of nearly every stored domain: no URL parsing on a config refresh).
+_NORMALIZED_DOMAIN = re.compile(
+    r"https://(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+"
+    r"(?=[a-z0-9-]*[a-z])[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+)
+_MAX_DOMAIN_CHARS = len("https://") + _MAX_HOST_CHARS
+_LOCALHOST = ".localhost"
+_EXPECTED = "expected the account address, e.g. https://demo.retailcrm.ru"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,43 +103,69 @@ class RetailCrmConfig:
         return tuple(s for s in (self.api_key, self.client_id) if s)
 
 
-def normalize_domain(raw: str) -> str:
-    """``demo.retailcrm.ru/`` → ``https://demo.retailcrm.ru``; https only, but plain http
-    for loopback addresses (the simulator). Raises ``ConfigError('domain')``."""
-    if _NORMALIZED_DOMAIN.fullmatch(raw):
+def normalize_domain(raw: str, *, allow_private: bool = False) -> str:
+    """``demo.retailcrm.ru/`` → ``https://demo.retailcrm.ru``, or ``ConfigError('domain')``.
+
+    Accepted: ``https://`` and a DNS host name (letters, digits, ``-``; an international
+    name is stored in its ASCII form), optionally a port. Refused: IP literals, ``localhost``,
+    spaces, control characters, ``%``-escapes, user names or passwords, paths, queries.
+    ``allow_private`` (``CRM_BRIDGE_ALLOW_PRIVATE_CRM``) also accepts plain ``http://`` and IP
+    literals: the simulator on 127.0.0.1, a CRM inside the platform's network. Whatever a
+    name resolves to is checked again at connect time (:mod:`daemon.egress`).
+    """
+    if len(raw) <= _MAX_DOMAIN_CHARS and _NORMALIZED_DOMAIN.fullmatch(raw) and not (
+            raw.endswith(_LOCALHOST)):
         return raw
     value = raw.strip()
     if not value:
         raise ConfigError("domain", "is required")
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ConfigError("domain", "must not contain spaces or control characters")
     if "://" not in value:
         value = "https://" + value
     try:
         parts = urlsplit(value)
         port_number = parts.port  # a port out of range or not a number raises here
     except ValueError:
-        raise ConfigError("domain", "expected the account address, e.g. "
-                          "https://demo.retailcrm.ru") from None
-    host = (parts.hostname or "").lower()
-    if not host or parts.username or parts.password:
-        raise ConfigError("domain", "expected the account address, e.g. https://demo.retailcrm.ru")
-    if parts.path.strip("/") or parts.query or parts.fragment:
+        raise ConfigError("domain", _EXPECTED) from None
+    if parts.scheme not in {"http", "https"} or (parts.scheme == "http" and not allow_private):
+        raise ConfigError("domain", "must use https")
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise ConfigError("domain", "must not hold a user name or password: " + _EXPECTED)
+    if parts.path.strip("/") or parts.query or parts.fragment or "?" in value or "#" in value:
         raise ConfigError("domain", "expected the account address without a path")
-    if parts.scheme == "http" and not _loopback(host):
-        raise ConfigError("domain", "must use https")
-    if parts.scheme not in {"http", "https"}:
-        raise ConfigError("domain", "must use https")
+    if port_number == 0:
+        raise ConfigError("domain", _EXPECTED)
+    host = _host(parts.hostname or "", allow_private)
     port = f":{port_number}" if port_number else ""
-    shown = f"[{host}]" if ":" in host else host
-    return f"{parts.scheme}://{shown}{port}"
+    return f"{parts.scheme}://{host}{port}"
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def _host(raw: str, allow_private: bool) -> str:
+    """The host part, checked: a DNS name in ASCII form, or (``allow_private``) an IP."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(raw)
     except ValueError:
-        return False
+        address = None
+    if address is not None:
+        if not allow_private:
+            raise ConfigError("domain", "must be a host name, not an IP address")
+        return f"[{address.compressed}]" if address.version == 6 else address.compressed
+    invalid = ConfigError("domain", "expected a valid host name, e.g. demo.retailcrm.ru")
+    try:
+        host = raw.encode("idna").decode("ascii").lower()
+    except UnicodeError:  # an empty or overlong label
+        raise invalid from None
+    if len(host) > _MAX_HOST_CHARS or not _DNS_NAME.fullmatch(host):
+        raise invalid
+    if not allow_private and (host == "localhost" or host.endswith(_LOCALHOST)):
+        raise ConfigError("domain", "must not be localhost")
+    return host
+
+
+def allows_private(settings: Mapping[str, Any]) -> bool:
+    """Whether the process settings (``AdapterDeps.settings``) allow private CRM addresses."""
+    return settings.get("allow_private_crm") is True
 
 
 def _bool(raw: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -161,16 +201,20 @@ def _mapping(raw: Mapping[str, Any], key: str, check_key: re.Pattern[str],
     return out
 
 
-def parse(raw: Mapping[str, Any], crypto: Crypto) -> RetailCrmConfig:
+def parse(
+    raw: Mapping[str, Any], crypto: Crypto, *, allow_private: bool = False
+) -> RetailCrmConfig:
     """Validate a stored config; ``ConfigError`` names the first bad field.
 
     A disabled config may be incomplete (no domain, no key yet); an enabled one may not.
+    ``allow_private``: see :func:`normalize_domain` (a stored private address is invalid
+    unless the operator allows private CRMs).
     """
     enabled = _bool(raw, "enabled", False)
     domain_raw = raw.get("domain")
     if domain_raw is not None and not isinstance(domain_raw, str):
         raise ConfigError("domain", "expected a string")
-    domain = normalize_domain(domain_raw) if domain_raw else ""
+    domain = normalize_domain(domain_raw, allow_private=allow_private) if domain_raw else ""
     token = raw.get("api_key")
     if token is not None and not isinstance(token, str):
         raise ConfigError("api_key", "expected the encrypted key as a string")

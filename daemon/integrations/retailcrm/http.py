@@ -21,8 +21,9 @@ from typing import Any, Final
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from daemon import store
+from daemon import logconfig, store, strictjson
 from daemon.integrations.base import CALLBACK_DEPS
 from daemon.integrations.retailcrm import telephony
 from daemon.integrations.retailcrm.config import KEY, RetailCrmConfig
@@ -43,12 +44,28 @@ def _error(status: int, message: str, field: str | None = None) -> web.Response:
     return web.json_response(body, status=status)
 
 
+def _form_error() -> web.HTTPBadRequest:
+    """400 for a form that cannot be read, in RetailCRM's error shape plus the stable
+    ``error`` id ``invalid_form``."""
+    message = "body: not a readable form (invalid UTF-8 or malformed multipart)"
+    body = {"success": False, "error": "invalid_form", "errorMsg": message,
+            "errors": {"body": message}}
+    return web.HTTPBadRequest(text=json.dumps(body), content_type="application/json")
+
+
 async def _params(request: web.Request) -> dict[str, str]:
     params = dict(request.query)
     if request.method == "POST" and request.content_type in (
         "application/x-www-form-urlencoded", "multipart/form-data"
     ):
-        params.update({k: v for k, v in (await request.post()).items() if isinstance(v, str)})
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError, LookupError, web.RequestPayloadError,
+                HttpProcessingError):
+            # aiohttp's form reader: UnicodeDecodeError (a ValueError) for bytes that are
+            # not UTF-8, ValueError/AssertionError/LookupError for a broken multipart body.
+            raise _form_error() from None
+        params.update({k: v for k, v in form.items() if isinstance(v, str)})
     return params
 
 
@@ -56,7 +73,12 @@ def _enterprise(request: web.Request, params: dict[str, str]) -> str | None:
     client_id = params.get("clientId", "")
     if not client_id:
         return None
-    return request.app[CALLBACK_DEPS].enterprise_by_secret(client_id)
+    deps = request.app[CALLBACK_DEPS]
+    enterprise = deps.enterprise_by_secret(client_id)
+    config = deps.config_of(enterprise) if enterprise is not None else None
+    # Nothing this request logs shows the clientId it presented, or its enterprise's secrets.
+    logconfig.hide((client_id, *(config.secrets() if config is not None else ())))
+    return enterprise
 
 
 @routes.post("/actions/activity")
@@ -71,11 +93,11 @@ async def activity(request: web.Request) -> web.Response:
     if enterprise is None:
         return _error(403, "unknown clientId", "clientId")
     try:
-        state = json.loads(params.get("activity", ""))
+        state = strictjson.loads(params.get("activity", ""))
         active, freeze = state["active"], state.get("freeze", False)
         if not isinstance(active, bool) or not isinstance(freeze, bool):
             raise TypeError
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return _error(400, 'activity: expected {"active": bool, "freeze": bool}', "activity")
     pool = request.app[CALLBACK_DEPS].pool
     if active and not freeze:

@@ -29,6 +29,7 @@ rows: the clientId, the link and the API key never reach it.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from daemon import links, store
 from daemon.errors import AuthFailed, ConfigError, DeliveryError, Retryable
 from daemon.integrations.base import AdapterDeps, Exchange, RegistrationResult
 from daemon.integrations.retailcrm import config as cfg
-from daemon.integrations.retailcrm.client import RetailCrmClient
+from daemon.integrations.retailcrm.client import account_client
 from daemon.logs import mask
 
 log = structlog.get_logger(__name__)
@@ -152,6 +153,7 @@ class Registrar:
     def __init__(self, deps: AdapterDeps, identity: ModuleIdentity) -> None:
         self._deps = deps
         self.identity = identity
+        self._allow_private = cfg.allows_private(deps.settings)
 
     # ------------------------------------------------------------------ operations
 
@@ -262,7 +264,8 @@ class Registrar:
         if not isinstance(raw, Mapping):
             return _Loaded(None, deactivated, _not_configured(enterprise))
         try:
-            return _Loaded(cfg.parse(raw, self._deps.crypto), deactivated)
+            return _Loaded(cfg.parse(raw, self._deps.crypto, allow_private=self._allow_private),
+                           deactivated)
         except ConfigError as exc:
             problem = RegistrationResult(
                 ok=False, error_id="config", details={exc.field: exc.message},
@@ -279,7 +282,8 @@ class Registrar:
         stored = await cfg.write_keys(
             self._deps.pool, enterprise,
             {"client_id": self._deps.crypto.encrypt(new_client_id())}, only_missing=True)
-        return None if stored is None else cfg.parse(stored, self._deps.crypto)
+        return None if stored is None else cfg.parse(stored, self._deps.crypto,
+                                                     allow_private=self._allow_private)
 
     async def _edit(self, enterprise: str, config: cfg.RetailCrmConfig, *,
                     active: bool, verb: str) -> RegistrationResult:
@@ -291,15 +295,18 @@ class Registrar:
         module = build(self.identity, config, client_id=config.client_id, account_link=link,
                        active=active)
         exchanges: list[Exchange] = []
-        client = RetailCrmClient(self._deps.http, config.domain, config.api_key,
-                                 timeout_s=EDIT_TIMEOUT_S, on_exchange=exchanges.append)
+        hidden = (*config.secrets(), *filter(None, [link]))
+        client = account_client(self._deps, config, timeout_s=EDIT_TIMEOUT_S,
+                                on_exchange=exchanges.append, hidden=hidden)
         try:
             answer = await client.edit_module(self.identity.code, module)
         except DeliveryError as exc:
-            # RetailCRM's answer is quoted: mask what it may echo back (clientId, the link).
-            result = _masked(_failure(exc, config), (*config.secrets(), *filter(None, [link])))
+            result = _failure(exc, config)
         else:
             result = _success(answer, config, self.identity, verb)
+        # RetailCRM's answer is quoted either way (an error's text, the users and sites it
+        # does not know): mask what it may echo back (the clientId, the link, the key).
+        result = _masked(result, hidden)
         await self._log(enterprise, config, exchanges, result, link)
         return result
 
@@ -372,10 +379,10 @@ def _failure(exc: DeliveryError, config: cfg.RetailCrmConfig) -> RegistrationRes
 
 
 def _masked(result: RegistrationResult, hidden: tuple[str, ...]) -> RegistrationResult:
-    details = mask(dict(result.details), hidden)
-    return RegistrationResult(ok=result.ok, message=mask(result.message, hidden),
-                              error_id=result.error_id, details=details,
-                              warnings=tuple(mask(list(result.warnings), hidden)))
+    return dataclasses.replace(
+        result, message=mask(result.message, hidden), details=mask(dict(result.details), hidden),
+        warnings=tuple(mask(list(result.warnings), hidden)),
+        unknown_users=tuple(mask(list(result.unknown_users), hidden)))
 
 
 def _field_errors(details: Any) -> dict[str, str]:

@@ -25,6 +25,7 @@ import json
 import math
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -119,7 +120,10 @@ class Fault:
     ``latency_ms`` delays the answer; ``stall`` never answers until reset (or shutdown);
     ``outage`` closes the connection without an answer; ``status``/``body``/``html`` replace
     the answer (a ``body`` string is sent as text, other values as JSON; ``html`` sends an
-    HTML page, with status 200 unless given). A latency-only fault leaves the normal answer.
+    HTML page, with status 200 unless given); ``bloat_bytes`` answers a JSON-looking body
+    that long, streamed (never held in memory), ``gzip`` compressing it on the way: a few
+    hundred KiB on the wire inflating to the whole size (a "gzip bomb"). A latency-only
+    fault leaves the normal answer.
     ``count`` is how many requests it still applies to (None: until cleared); ``hits`` how
     many it has taken.
     """
@@ -133,6 +137,8 @@ class Fault:
     outage: bool = False
     count: int | None = None
     retry_after: float | None = None
+    bloat_bytes: int | None = None
+    gzip: bool = False
     hits: int = 0
 
     @classmethod
@@ -159,6 +165,12 @@ class Fault:
             raise ValueError("count must be a positive integer or null")
         if self.retry_after is not None and not isinstance(self.retry_after, int | float):
             raise ValueError("retry_after must be a number of seconds")
+        if self.bloat_bytes is not None and (
+            not isinstance(self.bloat_bytes, int) or self.bloat_bytes < 1
+        ):
+            raise ValueError("bloat_bytes must be a positive integer or null")
+        if not isinstance(self.gzip, bool) or (self.gzip and self.bloat_bytes is None):
+            raise ValueError("gzip must be a boolean, and needs bloat_bytes")
 
     def matches(self, path: str) -> bool:
         """Whether this fault applies to a request for ``path``."""
@@ -168,7 +180,7 @@ class Fault:
         """Whether the normal answer is replaced (else the fault only adds latency)."""
         return (
             self.stall or self.outage or self.html or self.status is not None
-            or self.body is not None
+            or self.body is not None or self.bloat_bytes is not None
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -554,6 +566,8 @@ class Simulator:
         headers = None
         if fault.retry_after is not None:
             headers = {"Retry-After": f"{fault.retry_after:g}"}
+        if fault.bloat_bytes is not None:
+            return await _bloated(request, fault.status or 200, fault.bloat_bytes, fault.gzip)
         if fault.html:
             text = fault.body if isinstance(fault.body, str) else _HTML_PAGE
             return web.Response(
@@ -844,6 +858,39 @@ def _drop(request: web.Request) -> None:
     if request.transport is not None:
         request.transport.close()
     raise _Dropped
+
+
+async def _bloated(request: web.Request, status: int, size: int, gzip: bool
+                   ) -> web.StreamResponse:
+    """``size`` bytes of an unfinished JSON object, streamed; gzip-compressed on the way when
+    ``gzip``. A reader that stops early just closes the connection: the writing stops."""
+    response = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+    if gzip:
+        response.headers["Content-Encoding"] = "gzip"
+    else:
+        response.content_length = size
+    compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if gzip else None
+    head = b'{"success": true, "pad": "'
+    try:
+        await response.prepare(request)
+        sent = 0
+        while sent < size:
+            chunk = (memoryview(head) if sent == 0 else _PAD)[:size - sent]
+            sent += len(chunk)
+            data = compressor.compress(chunk) if compressor is not None else chunk
+            if data:
+                await response.write(data)
+            else:
+                await asyncio.sleep(0)  # deflate holds its output back: let the reader run
+        if compressor is not None:
+            await response.write(compressor.flush())
+        await response.write_eof()
+    except (ConnectionError, RuntimeError):
+        pass  # the reader had enough
+    return response
+
+
+_PAD: Final = memoryview(b" " * 1_048_576)
 
 
 def _listed(values: Iterable[Any]) -> str:
