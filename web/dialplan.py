@@ -13,7 +13,6 @@ log), ``from_ext`` and ``redirect=1`` (ask the PBX to transfer the call there).
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Final
 
@@ -22,6 +21,7 @@ from aiohttp import web
 from daemon.cache import Entry
 from daemon.redirect import Answer, RedirectRefused
 from daemon.runtime import RUNTIME
+from web import bodies
 from web.auth import require_service_token
 from web.middlewares import HttpError, field_error
 
@@ -38,10 +38,7 @@ async def _params(request: web.Request) -> dict[str, str]:
     if request.method != "POST" or not request.can_read_body:
         return params
     if request.content_type == "application/json":
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
-            raise field_error("body", "is not valid JSON") from None
+        body = await bodies.read_json(request)
         if not isinstance(body, dict):
             raise field_error("body", "expected a JSON object")
         for key, value in body.items():

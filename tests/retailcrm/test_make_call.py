@@ -138,16 +138,23 @@ async def test_hostile_values_never_reach_the_pbx(
     unthrottled: InProcess, pbx: PbxSimulator, http: aiohttp.ClientSession,
     pool: asyncpg.Pool, field: str,
 ) -> None:
+    refused_early = 0
     for n, value in enumerate([*HOSTILE, "201" if field == "code" else "12"]):
         fields = {"clientId": CLIENT_ID, "code": "101", "userId": "2",
                   "phone": "+375291234567", field: value}
-        status, body, _ = await click(http, unthrottled, post=n % 2 == 1, **fields)
+        post = n % 2 == 1
+        status, body, _ = await click(http, unthrottled, post=post, **fields)
         assert status == 400, (value, body)
-        assert list(body["errors"]) == [field], value
-        assert "\x00" not in body["errorMsg"]
+        if "errors" in body:  # the click's own refusal, in RetailCRM's shape
+            assert list(body["errors"]) == [field], value
+            assert "\x00" not in body["errorMsg"]
+        else:  # a NUL in a query string is refused before any route (web/bodies.py)
+            assert not post and "\x00" in value and body["details"] == {"field": "query"}
+            refused_early += 1
     assert pbx.requests == []
     rows = await log_rows(pool, unthrottled)
-    assert len(rows) == len(HOSTILE) + 1 and all(r["status"] == "error" for r in rows)
+    assert len(rows) == len(HOSTILE) + 1 - refused_early
+    assert all(r["status"] == "error" for r in rows)
     assert all("\x00" not in repr(r["request_data"]) for r in rows)
 
 

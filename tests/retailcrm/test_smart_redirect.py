@@ -226,7 +226,7 @@ async def test_bad_requests_name_their_field(
 ) -> None:
     for params, field in [({"phone": CALLER}, "enterprise"),
                           ({"enterprise": ENTERPRISE}, "phone"),
-                          ({"enterprise": ENTERPRISE, "phone": "1\x002"}, "phone"),
+                          ({"enterprise": ENTERPRISE, "phone": "1\x7f2"}, "phone"),
                           ({"enterprise": ENTERPRISE, "phone": CALLER, "redirect": "1"},
                            "from_ext"),
                           ({"enterprise": ENTERPRISE, "phone": CALLER, "from_ext": "101;ls",
@@ -239,6 +239,12 @@ async def test_bad_requests_name_their_field(
         assert body["details"] == {"field": field}, params
     body = await ask(http, daemon, method="POST", json=["x"], expect=400)
     assert body["details"] == {"field": "body"}
+    # A NUL never reaches the handler: the query is refused first, a JSON body by its parser.
+    body = await ask(http, daemon, expect=400, enterprise=ENTERPRISE, phone="1\x002")
+    assert body["details"] == {"field": "query"}
+    body = await ask(http, daemon, method="POST", expect=400,
+                     json={"enterprise": ENTERPRISE, "phone": "1\x002"})
+    assert body["details"] == {"field": "phone"}
     assert (await ask(http, daemon, expect=404, enterprise="9999", phone=CALLER))[
         "error"] == "unknown_enterprise"
     async with http.get(daemon.url + "/api/smart-redirect",
