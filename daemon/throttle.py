@@ -35,6 +35,7 @@ class Throttle:
         self._clock = clock
         self._max_keys = max_keys
         self._admitted: dict[str, deque[float]] = {}
+        self._refusing: set[str] = set()
 
     def admit(self, key: str) -> float | None:
         """None: go ahead (counted). Else the seconds until a request for ``key`` would be
@@ -50,12 +51,22 @@ class Throttle:
             if wait > 0:
                 return wait
         times.append(now)
+        self._refusing.discard(key)
         return None
+
+    def first_refusal(self, key: str) -> bool:
+        """After ``admit`` refused ``key``: True for the first refusal since it was last
+        admitted (a flood is worth one log line, not one per request)."""
+        if key in self._refusing:
+            return False
+        self._refusing.add(key)
+        return True
 
     def _forget_idle(self, now: float) -> None:
         idle = [k for k, t in self._admitted.items() if not t or t[-1] + self.window_s <= now]
         for key in idle:
             del self._admitted[key]
+            self._refusing.discard(key)
 
     def __len__(self) -> int:
         return len(self._admitted)

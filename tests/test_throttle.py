@@ -48,3 +48,17 @@ def test_idle_keys_are_forgotten_past_the_cap() -> None:
     clock.now += 5
     throttle.admit("d")
     assert len(throttle) == 1
+
+
+def test_a_run_of_refusals_is_reported_once() -> None:
+    clock = Clock()
+    throttle = Throttle(1, clock=clock)
+    assert throttle.admit("a") is None
+    refusals = []
+    for _ in range(3):
+        assert throttle.admit("a") is not None
+        refusals.append(throttle.first_refusal("a"))
+    assert refusals == [True, False, False]
+    clock.now += 1
+    assert throttle.admit("a") is None
+    assert throttle.admit("a") is not None and throttle.first_refusal("a")

@@ -214,8 +214,10 @@ async def test_a_flood_is_answered_429_and_other_enterprises_are_not_slowed(
     daemon: InProcess, pbx: PbxSimulator, http: aiohttp.ClientSession, pool: asyncpg.Pool
 ) -> None:
     fields = {"code": "101", "phone": "+375291234567"}
-    answers = await asyncio.gather(*[click(http, daemon, clientId=CLIENT_ID, **fields)
-                                     for _ in range(20)])
+    with capture_logs() as logs:
+        answers = await asyncio.gather(*[click(http, daemon, clientId=CLIENT_ID, **fields)
+                                         for _ in range(20)])
+    assert [e["event"] for e in logs].count("make_call_rate_limited") == 1  # once a flood
     statuses = sorted(status for status, _body, _headers in answers)
     assert statuses == [200] * 5 + [429] * 15
     limited = next(a for a in answers if a[0] == 429)

@@ -150,7 +150,8 @@ async def _make_call(request: web.Request, params: dict[str, str]) -> telephony.
                                  outcome="not_serving")
     wait_s = deps.make_call_throttle.admit(enterprise)
     if wait_s is not None:
-        log.warning("make_call_rate_limited", enterprise=enterprise)
+        if deps.make_call_throttle.first_refusal(enterprise):
+            log.warning("make_call_rate_limited", enterprise=enterprise)
         refused = telephony.refusal(429, "too many calls requested; try again shortly",
                                     outcome="rate_limited")
         return telephony.Answer(refused.status, refused.body, refused.outcome,
