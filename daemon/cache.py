@@ -19,9 +19,17 @@ page's decoded rows live at a time, and the event loop runs between pages. Reade
 old map until the new one is complete. It never overwrites an entry loaded after the refresh
 began (each load is stamped with a sequence number taken before its first query).
 
-An enterprise whose configuration of this integration fails validation is kept with
-``invalid`` set: its integration counts as disabled, its deliveries wait (it is "held"),
-and the reason is logged once and shown in ``/stats``.
+An enterprise whose configuration of this integration fails validation — or cannot even
+be read (nested too deeply, a number too long: it is decoded row by row, see daemon/db.py)
+— is kept with ``invalid`` set: its integration counts as disabled, its deliveries wait (it
+is "held"), and the reason is logged once and shown in ``/stats``. One enterprise's
+configuration never fails a load, a full refresh or start-up.
+
+The ``EnablementMatrix`` resolves an event's ``Token`` by the rule of docs/events.md: the
+enterprise whose ``name2`` it is, else whose ``secret`` it is, else whose number it is,
+among active enterprises; more than one at the first level that matches is
+``AmbiguousToken``. Its indexes are multi-maps, so an enterprise that goes away, is
+deactivated or changes its Token un-shadows the others at once, without a full refresh.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -41,8 +49,9 @@ from typing import Any
 import asyncpg
 import structlog
 
-from daemon import store
+from daemon import db, store
 from daemon.crypto import Crypto
+from daemon.db import DatabaseHealth, UnreadableJson, decode_json
 from daemon.errors import ConfigError
 from daemon.integrations.base import Adapter, IntegrationConfig
 from daemon.metrics import Metrics
@@ -59,7 +68,8 @@ class Entry:
     """One enterprise as this process sees it (replaced whole, never mutated)."""
 
     enterprise: str
-    token: str | None
+    token: str | None  # name2
+    secret_fp: str | None  # the keyed fingerprint of the platform's ``secret`` (never it)
     active: bool
     enabled_types: frozenset[str]
     config: IntegrationConfig | None
@@ -83,43 +93,83 @@ class Entry:
         return self.active and self.config is not None and self.config.enabled
 
 
+class AmbiguousToken(LookupError):
+    """A Token names more than one active enterprise at the first level that matches
+    (``level``: name2 or secret); nothing may be stored for it."""
+
+    def __init__(self, level: str, enterprises: Sequence[str]) -> None:
+        self.level = level
+        self.enterprises = tuple(sorted(enterprises))
+        super().__init__(f"the Token is the {level} of {len(self.enterprises)} active "
+                         f"enterprises ({', '.join(self.enterprises)})")
+
+
 class EnablementMatrix:
     """Enterprise → enabled integration types, and the reverse lookups of the hot paths.
 
-    ``Token`` (``enterprises.name2``) → enterprise for events, and the callback secret's
-    keyed fingerprint → enterprise for CRM callbacks (the secret itself is never a key).
+    ``Token`` → enterprise for events (``by_token``, the rule of the module docstring), and
+    the callback secret's keyed fingerprint → enterprise for CRM callbacks. Secrets are
+    indexed by their keyed fingerprint only, never as text.
     """
 
     def __init__(self, crypto: Crypto) -> None:
         self._crypto = crypto
         self._types: dict[str, frozenset[str]] = {}
-        self._tokens: dict[str, str] = {}
-        self._secrets: dict[str, str] = {}
+        self._active: set[str] = set()
+        self._name2: dict[str, set[str]] = {}
+        self._platform_secrets: dict[str, set[str]] = {}  # fingerprint -> enterprises
+        self._secrets: dict[str, str] = {}  # callback secret fingerprint -> enterprise
+        self.ambiguous_count = 0  # keys of _name2 and _platform_secrets naming several
 
-    def _keys(self, entry: Entry) -> tuple[str | None, str | None]:
+    def _callback_key(self, entry: Entry) -> str | None:
         secret = entry.config.callback_secret if entry.config is not None else None
-        return entry.token, self._crypto.fingerprint(secret) if secret else None
+        return self._crypto.fingerprint(secret) if secret else None
 
     def put(self, old: Entry | None, new: Entry | None) -> None:
         """Replace ``old``'s lookups with ``new``'s (either may be None)."""
         if old is not None:
-            token, secret = self._keys(old)
             self._types.pop(old.enterprise, None)
-            if token and self._tokens.get(token) == old.enterprise:
-                del self._tokens[token]
+            if old.active:
+                self._active.discard(old.enterprise)
+                self._drop(self._name2, old.token, old.enterprise)
+                self._drop(self._platform_secrets, old.secret_fp, old.enterprise)
+            secret = self._callback_key(old)
             if secret and self._secrets.get(secret) == old.enterprise:
                 del self._secrets[secret]
         if new is not None:
-            token, secret = self._keys(new)
             self._types[new.enterprise] = new.enabled_types if new.active else frozenset()
-            if token:
-                self._tokens[token] = new.enterprise
+            if new.active:
+                self._active.add(new.enterprise)
+                self._add(self._name2, new.token, new.enterprise)
+                self._add(self._platform_secrets, new.secret_fp, new.enterprise)
+            secret = self._callback_key(new)
             if secret:
                 self._secrets[secret] = new.enterprise
 
+    def _add(self, index: dict[str, set[str]], key: str | None, enterprise: str) -> None:
+        if not key:
+            return
+        holders = index.setdefault(key, set())
+        holders.add(enterprise)
+        if len(holders) == 2:
+            self.ambiguous_count += 1
+
+    def _drop(self, index: dict[str, set[str]], key: str | None, enterprise: str) -> None:
+        if not key:
+            return
+        holders = index.get(key)
+        if holders is None or enterprise not in holders:
+            return
+        holders.discard(enterprise)
+        if len(holders) == 1:
+            self.ambiguous_count -= 1
+        elif not holders:
+            del index[key]
+
     def rebuild(self, entries: Iterable[Entry]) -> None:
         """Start over from ``entries`` (after a full refresh)."""
-        self._types, self._tokens, self._secrets = {}, {}, {}
+        self._types, self._active, self._secrets = {}, set(), {}
+        self._name2, self._platform_secrets, self.ambiguous_count = {}, {}, 0
         for entry in entries:
             self.put(None, entry)
 
@@ -128,11 +178,27 @@ class EnablementMatrix:
         return self._types.get(enterprise)
 
     def by_token(self, token: str) -> str | None:
-        """The enterprise whose ``name2`` is ``token`` (or whose number is)."""
-        found = self._tokens.get(token)
-        if found is None and token in self._types:
-            return token
-        return found
+        """The active enterprise ``token`` names: by ``name2``, else by ``secret``, else by
+        number. None: no active enterprise; ``AmbiguousToken``: several at the first level
+        that matches."""
+        if not token:
+            return None
+        level, found = "name2", self._name2.get(token)
+        if not found:
+            level, found = "secret", self._platform_secrets.get(self._crypto.fingerprint(token))
+        if not found:
+            return token if token in self._active else None
+        if len(found) > 1:
+            raise AmbiguousToken(level, list(found))
+        return next(iter(found))
+
+    def ambiguous(self) -> dict[str, list[list[str]]]:
+        """Every ambiguous Token's enterprises, by level (for ``/stats``; the Tokens
+        themselves are not given: a secret-level one is a secret)."""
+        return {
+            level: sorted(sorted(holders) for holders in index.values() if len(holders) > 1)
+            for level, index in (("name2", self._name2), ("secret", self._platform_secrets))
+        }
 
     def by_secret(self, secret: str) -> str | None:
         """The enterprise whose callback secret is ``secret``."""
@@ -151,10 +217,16 @@ class ConfigCache:
         *,
         ttl_s: float = 90.0,
         refresh_s: float = 240.0,
+        health: DatabaseHealth | None = None,
     ) -> None:
         self._pool = pool
         self._adapter = adapter
+        self._crypto = crypto
         self._metrics = metrics
+        self._health = health or DatabaseHealth()
+        # Jitter from an instance of our own: the random module's global state is shared with
+        # whatever else runs in the process (a test's hypothesis draws it, for one).
+        self._rng = random.Random()
         self.ttl_s = ttl_s
         self.refresh_s = refresh_s
         self.matrix = EnablementMatrix(crypto)
@@ -228,6 +300,7 @@ class ConfigCache:
         self._metrics.cache_loads.labels(reason).inc()
         with self._metrics.cache_load_seconds.labels("one").time():
             row = await store.load_entry(self._pool, self._adapter.name, enterprise)
+        self._health.succeeded()
         entry = self._build(row, seq) if row is not None else None
         self._swap(enterprise, entry)
         return entry
@@ -268,41 +341,72 @@ class ConfigCache:
             await self.refresh_all("connect")
 
     async def run_refresher(self, stopping: asyncio.Event) -> None:
-        """Full refresh every ``refresh_s`` ± 20 %, until ``stopping``."""
+        """Full refresh every ``refresh_s`` ± 20 %, until ``stopping``. A refresh the
+        database fails is retried after a short jittered pause, not a whole period."""
+        failures = 0
         while not stopping.is_set():
-            period = self.refresh_s * random.uniform(0.8, 1.2)
+            period = (self._health.pause_s(failures) if failures
+                      else self.refresh_s * self._rng.uniform(0.8, 1.2))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), period)
             if stopping.is_set():
                 return
             try:
                 await self.refresh_all("full")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("config_refresh_failed", error=type(exc).__name__)
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+                failures += 1
                 self._metrics.cache_load_failures.labels("all").inc()
+                if not self._health.failed(exc, "config-refresher"):
+                    log.warning("config_refresh_failed", error=type(exc).__name__)
+                continue
+            failures = 0
+            self._health.succeeded()
 
     # ------------------------------------------------------------------ building
 
     def _build(self, row: Mapping[str, Any], seq: int) -> Entry:
-        """An entry from a ``store._ENTRY_COLUMNS`` row."""
+        """An entry from a ``store._ENTRY_COLUMNS`` row; whatever the stored configuration
+        holds, an entry (``invalid`` saying why it cannot be used), never an exception."""
         enabled = self._types(row["enabled"])
         config: IntegrationConfig | None = None
         invalid: str | None = None
-        raw = row["config"]
-        if raw is not None:
+        if row["config"] is not None:
             try:
-                if not isinstance(raw, Mapping):
-                    raise ConfigError(self._adapter.name, "expected an object")
-                config = self._adapter.parse_config(raw)
+                config = self._parse(row["config"])
             except ConfigError as exc:
                 invalid = str(exc)
                 enabled = self._types(enabled - {self._adapter.name})
-        ttl = self.ttl_s * random.uniform(2 / 3, 4 / 3)
+        ttl = self.ttl_s * self._rng.uniform(2 / 3, 4 / 3)
+        secret = row["secret"]
         return Entry(
-            enterprise=row["number"], token=row["name2"], active=bool(row["active"]),
-            enabled_types=enabled, config=config, invalid=invalid,
-            holds=row["holds"] or NO_HOLDS, seq=seq, expires_at=time.monotonic() + ttl,
+            enterprise=row["number"], token=row["name2"],
+            secret_fp=self._crypto.fingerprint(secret) if secret else None,
+            active=bool(row["active"]), enabled_types=enabled, config=config,
+            invalid=invalid, holds=row["holds"] or NO_HOLDS, seq=seq,
+            expires_at=time.monotonic() + ttl,
         )
+
+    def _parse(self, text: str) -> IntegrationConfig:
+        """This integration's stored configuration (JSON text) parsed; ``ConfigError``
+        for anything unusable — unreadable JSON, not an object, a wrong value anywhere."""
+        name = self._adapter.name
+        try:
+            raw = decode_json(text)
+        except UnreadableJson as exc:
+            raise ConfigError(name, f"the stored configuration cannot be read: {exc}") from None
+        if not isinstance(raw, Mapping):
+            raise ConfigError(name, "expected an object")
+        try:
+            return self._adapter.parse_config(raw)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            # The adapter's parser missed a shape (a bug of its own, logged as one); the
+            # enterprise is invalid, the load and every other enterprise go on.
+            self._metrics.bug_errors.inc()
+            log.exception("config_parse_bug", integration=name)
+            raise ConfigError(name, f"the stored configuration cannot be parsed "
+                              f"({type(exc).__name__})") from None
 
     def _types(self, names: Iterable[str]) -> frozenset[str]:
         """The one shared frozenset of ``names``: thousands of entries, a handful of sets."""
@@ -338,6 +442,7 @@ class ConfigCache:
 
     def _export(self) -> None:
         self._metrics.cache_entries.set(len(self._entries))
+        self._metrics.ambiguous_tokens.set(self.matrix.ambiguous_count)
         by_reason = Counter(self._held.values())
         self._metrics.cache_invalid.set(by_reason.get("invalid_config", 0))
         for reason in HOLD_REASONS | by_reason.keys():
@@ -350,9 +455,12 @@ class ConfigCache:
 
     def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            return
+        self._metrics.cache_load_failures.labels("one").inc()
+        if not self._health.failed(exc, "config-cache"):
             log.warning("config_load_failed", error=type(exc).__name__)
-            self._metrics.cache_load_failures.labels("one").inc()
 
     async def close(self) -> None:
         """Cancel background loads (teardown)."""
@@ -368,6 +476,7 @@ class ConfigCache:
             "serving": sum(1 for e in self._entries.values() if e.serves),
             "held": self.held(),
             "invalid": {e.enterprise: e.invalid for e in self._entries.values() if e.invalid},
+            "ambiguous_tokens": self.matrix.ambiguous(),
             "loads_in_flight": len(self._loads),
             "last_full_refresh_at": self.last_full_refresh_at,
         }

@@ -46,6 +46,7 @@ _ZERO_TIME = re.compile(r"0{4}-0{2}-0{2}([ T]0{2}:0{2}:0{2}(\.0+)?)?")
 _CHANNEL = re.compile(
     r"[A-Za-z0-9_]+/(?P<peer>[^@;/]+?)(?:@[^;]*)?(?:-[0-9a-fA-F]{4,})?(?:;\d+)?"
 )
+_ASCII_DIGITS = re.compile(r"[0-9]{1,3}")
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off", ""})
 _RECORD_URL_KEYS = ("record_url", "RecordUrl", "RecordURL", "recordUrl")
@@ -77,7 +78,7 @@ class MalformedEvent(errors.Permanent):
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(
-            f"{field}: {problem}", error_id="malformed_event", details={"field": field}
+            f"{field}: {problem}", error_id="malformed", details={"field": field}
         )
         self.field = field
 
@@ -244,11 +245,13 @@ def _call_type(body: Mapping[str, Any]) -> CallType | None:
     if value is None or value == "":
         return None
     number: object = value
-    if isinstance(value, str) and value.strip().isdigit():
+    # ASCII digits only: ``str.isdigit`` also takes "²" or "٣", which ``int`` then refuses
+    # (a ValueError, classed as a bug and retried, where bad input is a dead letter).
+    if isinstance(value, str) and _ASCII_DIGITS.fullmatch(value.strip()):
         number = int(value.strip())
     if isinstance(number, int) and not isinstance(number, bool) and 0 <= number <= 2:
         return CallType(number)
-    raise MalformedEvent("CallType", f"expected 0, 1 or 2, got {value!r}")
+    raise MalformedEvent("CallType", f"expected 0, 1 or 2, got {value!r:.40}")
 
 
 def _extensions(body: Mapping[str, Any]) -> tuple[str, ...]:

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("--integration", help="adapter to run (default CRM_BRIDGE_INTEGRATION)")
     sub.add_parser("migrate", help="apply the database migrations (idempotent)")
-    check = sub.add_parser("check", help="validate settings and reach the database")
+    check = sub.add_parser("check", help="validate settings, reach the database, find "
+                           "pending migrations and ambiguous Tokens")
     check.add_argument("--integration")
     sub.add_parser("genkey", help="print a new key for CRM_BRIDGE_ENCRYPTION_KEYS")
     replay = sub.add_parser("replay", help="put failed deliveries back in the queue")
@@ -166,14 +167,9 @@ def _say(text: str, code: int) -> int:
     return code
 
 
-# What a database that cannot be reached raises at connect time: the socket's errors
-# (refused, unresolvable host, timeout) and the server's refusals (no such database, bad
-# password, starting up or shutting down, too many connections).
-_UNREACHABLE = (
-    OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-    asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError,
-    asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
-)
+# What a database that refuses us for good raises at connect time (no such database, bad
+# password); everything that means "cannot be reached now" is ``db.unavailable``.
+_REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
 
 
 def _database_failure(exc: BaseException, environ: Mapping[str, str]) -> str | None:
@@ -183,7 +179,7 @@ def _database_failure(exc: BaseException, environ: Mapping[str, str]) -> str | N
     if isinstance(exc, asyncpg.UndefinedTableError):
         return (f"the database at {url} is not migrated ({detail}): run crm-bridge migrate "
                 "first")
-    if isinstance(exc, _UNREACHABLE):
+    if db.unavailable(exc) or isinstance(exc, _REFUSED):
         return (f"cannot reach the database at {url}: {detail} (is PostgreSQL running? "
                 "check CRM_BRIDGE_DATABASE_URL)")
     return None
@@ -249,12 +245,22 @@ async def _check(settings: Settings) -> int:
     conn = await db.connect(settings.database_url, command_timeout_s=10.0)
     try:
         missing = await pending(conn, load_migrations(find_sql_dir(settings.sql_dir)))
+        ambiguous = [] if missing else await store.ambiguous_tokens(conn)
     finally:
         await conn.close()
     if missing:
         log.error("migrations_pending", versions=[m.version for m in missing])
         return _say(f"migrations pending: {', '.join(str(m.version) for m in missing)}; "
                     "run crm-bridge migrate", EXIT_FAILED)
+    if ambiguous:
+        # Events carrying these Tokens are refused (docs/events.md): the operator must
+        # give each of these enterprises a Token of its own.
+        log.error("ambiguous_tokens", count=len(ambiguous))
+        for row in ambiguous:
+            shown = repr(row["token"]) if row["level"] == "name2" else "(a secret, not shown)"
+            _say(f"ambiguous Token {shown}: the {row['level']} of active enterprises "
+                 f"{', '.join(row['enterprises'])}; their events are refused", EXIT_FAILED)
+        return EXIT_FAILED
     log.info("check_ok", settings=settings.describe())
     print(f"ok: settings valid, integration {settings.integration}, database "
           f"{mask_url_password(settings.database_url)} reachable and migrated")

@@ -11,10 +11,22 @@ The loop (one per process):
 2. **Claim** up to ``min(free capacity, CLAIM_BATCH)`` due deliveries in one statement
    (``store.CLAIM``: ``FOR UPDATE SKIP LOCKED``, per-call order, held enterprises skipped),
    under a lease of ``lease_s``. An instance that dies loses its leases when they expire.
+   The claim itself dead-letters a delivery whose lease expired without an outcome
+   ``max_lease_expiries`` times (``poison``) or whose attempts are used up. A delivery
+   whose lease has expired twice or more (a *suspect*: it may be what kills its holders)
+   comes alone, and nothing else is claimed while it is in flight: if it crashes this
+   process too, it takes nothing else down with it. Each claimed row's payload is decoded
+   on its own: a row that cannot be read is dead-lettered at once as ``malformed``, and the
+   rest of the batch goes on.
 3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
    lease long enough to finish), then the adapter under a hard ``attempt_timeout_s``.
 4. **Settle** by error class through ``retry.decide``; the ``OutcomeWriter`` writes the
    outcomes and log rows in batches, fenced by lease.
+
+The database going away stops nothing for good: a failed claim is reported to the
+process's ``DatabaseHealth`` and retried after a jittered pause; no claim is made while the
+outcome writer cannot write (the leases it holds would expire and count against their
+deliveries); a call's events that cannot be loaded make the attempt ``Retryable``.
 
 Graceful stop: no new claims; in-flight attempts get ``grace_s`` to finish; whatever is
 left is cancelled and released (lease dropped, attempt not counted).
@@ -38,9 +50,10 @@ from typing import Any
 import asyncpg
 import structlog
 
-from daemon import logconfig, store
+from daemon import db, logconfig, store
 from daemon.cache import ConfigCache, Entry
 from daemon.calls import StoredEvent
+from daemon.db import DatabaseHealth, UnreadableJson, decode_json
 from daemon.errors import DeliveryError, Retryable
 from daemon.guards import Guards, LocalRateLimit
 from daemon.integrations.base import Adapter, Delivered, DeliveryContext, Outcome
@@ -60,6 +73,10 @@ LEASE_MARGIN_S = 1.0
 STATS_INTERVAL_S = 5.0
 # Wake-ups remembered for scheduled retries (beyond that, the poll finds them).
 MAX_RETRY_WAKES = 10_000
+# Deliveries given back because the database could not be read come due again after this.
+UNAVAILABLE_RETRY_S = 1.0
+# The error id of an attempt that failed because the database (not the CRM) was away.
+DATABASE_UNAVAILABLE = "database_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +89,7 @@ class Claimed:
     queued_at: datetime
     lease: str
     lease_deadline: float  # monotonic
+    suspect: bool = False  # its lease expired twice or more without an outcome
 
 
 class Dispatcher:
@@ -96,6 +114,8 @@ class Dispatcher:
         grace_s: float = 10.0,
         notify: bool = True,
         doorbell_window_s: float = 0.005,
+        max_lease_expiries: int = 3,
+        health: DatabaseHealth | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._pool = pool
@@ -114,6 +134,9 @@ class Dispatcher:
         self._grace_s = grace_s
         self._notify = notify
         self._recheck_after_s = doorbell_window_s + RECHECK_MARGIN_S
+        self._max_lease_expiries = max_lease_expiries
+        self._health = health or DatabaseHealth()
+        self._claim_failures = 0
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._recheck_at: float | None = None
@@ -121,11 +144,14 @@ class Dispatcher:
         self._claim_no = itertools.count(1)
         self._inflight: dict[asyncio.Task[None], int] = {}  # task -> deliveries it carries
         self._inflight_count = 0
+        self._suspects = 0  # suspect attempts in flight (see the module docstring)
         self.finished = asyncio.Event()
         self.claimed_total = 0
         writer.on_settled(self.wake)
         self._outcomes = {outcome: metrics.deliveries.labels(outcome)
                           for outcome in ("done", "skipped", "failed", "retried")}
+        self._rejected = {reason: metrics.deliveries_rejected.labels(reason)
+                          for reason in ("malformed", "poison", "attempts")}
 
     # ------------------------------------------------------------------ waking
 
@@ -172,15 +198,24 @@ class Dispatcher:
         try:
             while not stopping.is_set():
                 free = self._concurrency - self._inflight_count
-                if free <= 0:
-                    # Nothing to claim for: wait for capacity (``_done`` wakes us), the stop,
-                    # or a timer; a wake-up asked meanwhile is served when capacity is back.
+                if free <= 0 or self._suspects:
+                    # Nothing to claim for, or a suspect runs alone: wait for capacity or
+                    # its end (``_done`` wakes us), the stop, or a timer; a wake-up asked
+                    # meanwhile is served when the loop may claim again.
                     self._wake.clear()
                     await self._sleep(stopping)
                     continue
                 self._wake.clear()
+                if self._writer.failing:
+                    # Outcomes cannot be written: new claims would only add leases that
+                    # expire unsettled. The writer's success wakes us (``on_settled``).
+                    await self._health.pause(self._writer.failures, stopping)
+                    continue
                 asked = min(free, CLAIM_BATCH)
                 claimed = await self._claim(asked)
+                if claimed is None:
+                    await self._health.pause(self._claim_failures, stopping)
+                    continue
                 for group in self._group(claimed):
                     self._start(group)
                 if len(claimed) < asked:
@@ -189,36 +224,81 @@ class Dispatcher:
             await self._drain()
             self.finished.set()
 
-    async def _claim(self, limit: int) -> list[Claimed]:
+    async def _claim(self, limit: int) -> list[Claimed] | None:
+        """Claim up to ``limit`` deliveries; None when the claim itself failed."""
         held = set(self._cache.held()) | set(self._guards.blocked())
         lease = f"{self._instance_id}:{next(self._claim_no)}"
         started = time.monotonic()
         try:
-            rows = await self._pool.fetch(
-                store.CLAIM, self._adapter.name, limit, sorted(held), self._lease_s, lease
+            rows = await store.claim(
+                self._pool, self._adapter.name, limit, held, self._lease_s, lease,
+                max_lease_expiries=self._max_lease_expiries,
+                max_attempts=self._policy.max_attempts,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("claim_failed", error=type(exc).__name__)
-            return []
+        except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+            self._claim_failures += 1
+            if not self._health.failed(exc, "dispatcher"):
+                log.warning("claim_failed", error=type(exc).__name__)
+            return None
         finally:
             self._metrics.claims.inc()
             self._metrics.claim_seconds.observe(time.monotonic() - started)
+        self._claim_failures = 0
+        self._health.succeeded()
         self.claimed_total += len(rows)
-        return [self._claimed(row, lease, started) for row in rows]
+        claimed = []
+        for row in rows:
+            if row["reclaimed"]:
+                self._metrics.leases_reclaimed.inc()
+            if row["dead"] is not None:
+                self._dead_lettered(row)
+            elif (item := self._claimed(row, lease, started)) is not None:
+                claimed.append(item)
+        return claimed
 
-    def _claimed(self, row: Mapping[str, Any], lease: str, started: float) -> Claimed:
-        if row["reclaimed"]:
-            self._metrics.leases_reclaimed.inc()
+    def _claimed(self, row: Mapping[str, Any], lease: str, started: float) -> Claimed | None:
+        """The claimed row as a ``Claimed``; None when its payload cannot be read (it is
+        dead-lettered as ``malformed`` at once: no attempt could ever map it)."""
+        try:
+            payload = decode_json(row["payload"])
+        except UnreadableJson as exc:
+            self._malformed(row, lease, f"malformed: payload: {exc}")
+            return None
         event = StoredEvent(
             id=row["event_id"], event_type=row["event_type"], unique_id=row["unique_id"],
-            payload=row["payload"], record_url=row["record_url"], origin=row["origin"],
+            payload=payload, record_url=row["record_url"], origin=row["origin"],
             received_at=row["received_at"],
         )
         return Claimed(
             event=event, enterprise=row["enterprise_number"], attempt=row["attempts"],
             queued_at=row["queued_at"], lease=lease,
-            lease_deadline=started + float(row["lease_s"]),
+            lease_deadline=started + float(row["lease_s"]), suspect=row["suspect"],
         )
+
+    def _malformed(self, row: Mapping[str, Any], lease: str, reason: str) -> None:
+        log_row = LogRow(
+            enterprise=row["enterprise_number"], event_type=row["event_type"],
+            request={"unique_id": row["unique_id"], "event_id": row["event_id"],
+                     "attempt": row["attempts"], "requests": []},
+            response=[], ok=False, error=reason,
+        )
+        self._settle(Settlement(row["event_id"], lease, "failed", last_error=reason,
+                                log=log_row))
+        self._rejected["malformed"].inc()
+        self._outcomes["failed"].inc()
+        log.warning("delivery_failed", enterprise=row["enterprise_number"],
+                    unique_id=row["unique_id"], delivery_id=row["event_id"],
+                    event_type=row["event_type"], attempt=row["attempts"], error=reason)
+
+    def _dead_lettered(self, row: Mapping[str, Any]) -> None:
+        """The claim dead-lettered this row itself (``store.CLAIM``: poison or attempts)."""
+        self._rejected[row["dead"]].inc()
+        self._outcomes["failed"].inc()
+        log.warning("delivery_failed", enterprise=row["enterprise_number"],
+                    unique_id=row["unique_id"], delivery_id=row["event_id"],
+                    event_type=row["event_type"], attempt=row["attempts"],
+                    error=row["last_error"])
+        self._wake.set()  # the call's next delivery, if any, is due now
 
     def _group(self, claimed: list[Claimed]) -> list[list[Claimed]]:
         """One group per attempt: alone, or with others of the same enterprise and batch key
@@ -226,9 +306,7 @@ class Dispatcher:
         groups: list[list[Claimed]] = []
         open_groups: dict[tuple[str, str], list[Claimed]] = {}
         for item in claimed:
-            entry = self._cache.get(item.enterprise)
-            config = entry.config if entry is not None else None
-            key = self._adapter.batch_key(item.event, config) if config is not None else None
+            key = self._batch_key(item)
             if key is None or self._adapter.max_batch <= 1:
                 groups.append([item])
                 continue
@@ -239,11 +317,25 @@ class Dispatcher:
             group.append(item)
         return groups
 
+    def _batch_key(self, item: Claimed) -> str | None:
+        entry = self._cache.get(item.enterprise)
+        if entry is None or entry.config is None:
+            return None
+        try:
+            return self._adapter.batch_key(item.event, entry.config)
+        except Exception:  # an adapter bug must not stop the loop: that row goes alone
+            self._metrics.bug_errors.inc()
+            log.exception("adapter_bug", event_type=item.event.event_type, where="batch_key")
+            return None
+
     def _start(self, group: list[Claimed]) -> None:
         task = asyncio.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
         self._inflight[task] = len(group)
         self._inflight_count += len(group)
         self._metrics.inflight.set(self._inflight_count)
+        if any(item.suspect for item in group):
+            self._suspects += 1
+            task.add_done_callback(self._suspect_done)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
@@ -252,6 +344,10 @@ class Dispatcher:
         self._metrics.inflight.set(self._inflight_count)
         if was_full:
             self._wake.set()  # capacity came back
+
+    def _suspect_done(self, _task: asyncio.Task[None]) -> None:
+        self._suspects -= 1
+        self._wake.set()  # claims may resume
 
     async def _drain(self) -> None:
         if self._inflight:
@@ -279,6 +375,20 @@ class Dispatcher:
         except asyncio.CancelledError:
             self._release(group, "stopped before the attempt finished")
             raise
+        except Exception as exc:
+            # Outside the adapter (which has its own classification): the database, or a
+            # bug of ours. Either way the deliveries are settled now, not left to their
+            # leases — a bug is counted as an attempt, so the attempts cap ends it.
+            if self._health.failed(exc, "dispatcher"):
+                self._release(group, "database unavailable", delay_s=UNAVAILABLE_RETRY_S)
+                return
+            self._metrics.bug_errors.inc()
+            log.exception("attempt_bug", event_type=first.event.event_type)
+            delay = self._policy.base_delay_s * self._rng.uniform(1.0, 2.0)
+            self._schedule_wake(delay)
+            for item in group:
+                self._settle(Settlement(item.event.id, item.lease, "pending", delay_s=delay,
+                                        last_error=f"bug: {type(exc).__name__}"))
 
     async def _attempt_guarded(self, group: list[Claimed]) -> None:
         enterprise = group[0].enterprise
@@ -337,10 +447,15 @@ class Dispatcher:
                                  error_id="timeout")] * len(ctxs)
         except DeliveryError as exc:
             results = [exc] * len(ctxs)
-        except Exception as exc:  # anything else escaping an adapter is a bug
-            self._metrics.bug_errors.inc()
-            log.exception("adapter_bug", event_type=group[0].event.event_type)
-            results = [exc] * len(ctxs)
+        except Exception as exc:
+            if self._health.failed(exc, "attempt"):
+                # The database (its call's events, the enterprise's numbers...), not the
+                # adapter: retried like any outage, never counted as a bug.
+                results = [_database_unavailable(exc)] * len(ctxs)
+            else:  # anything else escaping an adapter is a bug
+                self._metrics.bug_errors.inc()
+                log.exception("adapter_bug", event_type=group[0].event.event_type)
+                results = [exc] * len(ctxs)
         elapsed = time.monotonic() - started
         self._metrics.attempt_seconds.observe(elapsed)
         for item, ctx, result in zip(group, ctxs, results, strict=True):
@@ -350,8 +465,24 @@ class Dispatcher:
                 self._succeeded(item, entry, ctx, result, elapsed)
 
     async def _load_call(self, item: Claimed) -> Sequence[StoredEvent]:
-        rows = await store.call_events(self._pool, item.enterprise, item.event.unique_id)
-        return [StoredEvent(**dict(row)) for row in rows]
+        """Every readable stored event of the item's call. A row that cannot be decoded is
+        left out (its own delivery, if it has one, fails as ``malformed``); the database
+        being away raises ``Retryable`` — an outage, not a bug of the adapter."""
+        try:
+            rows = await store.call_events(self._pool, item.enterprise, item.event.unique_id)
+        except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+            if not self._health.failed(exc, "attempt"):
+                raise
+            raise _database_unavailable(exc) from None
+        events = []
+        for row in rows:
+            try:
+                payload = decode_json(row["payload"])
+            except UnreadableJson as exc:
+                log.info("call_event_unreadable", event_id=row["id"], reason=str(exc))
+                continue
+            events.append(StoredEvent(**{**dict(row), "payload": payload}))
+        return events
 
     def _succeeded(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
                    outcome: Outcome, elapsed: float) -> None:
@@ -380,7 +511,9 @@ class Dispatcher:
             self._guards.throttle(item.enterprise, error.retry_after or 1.0)
             self._release([item], "rate limit", delay_s=error.retry_after)
             return
-        if isinstance(error, Retryable) and not error.rate_limited:
+        if error_id(error) == DATABASE_UNAVAILABLE:
+            pass  # not the CRM's doing: its breaker stays as it is
+        elif isinstance(error, Retryable) and not error.rate_limited:
             self._guards.failed(item.enterprise)
         elif isinstance(error, DeliveryError):
             self._guards.succeeded(item.enterprise)  # a definite answer: the CRM is up
@@ -454,9 +587,13 @@ class Dispatcher:
     async def run_stats(self, stopping: asyncio.Event) -> None:
         """Refresh the queue gauges every ``STATS_INTERVAL_S`` (one cheap query)."""
         while not stopping.is_set():
-            with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                                     TimeoutError):
+            try:
                 row = await self._pool.fetchrow(store.QUEUE_STATS, self._adapter.name)
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+                if not self._health.failed(exc, "queue-stats"):
+                    log.warning("queue_stats_failed", error=type(exc).__name__)
+            else:
+                self._health.succeeded()
                 if row is not None:
                     self._metrics.queue_depth.set(row["pending"])
                     self._metrics.oldest_due_seconds.set(row["oldest_due_s"])
@@ -475,3 +612,13 @@ class Dispatcher:
 
 def _secrets(entry: Entry) -> tuple[str, ...]:
     return entry.config.secrets() if entry.config is not None else ()
+
+
+def _database_unavailable(exc: BaseException) -> Retryable:
+    return Retryable(f"the database was unavailable ({type(exc).__name__})",
+                     error_id=DATABASE_UNAVAILABLE)
+
+
+def error_id(error: BaseException) -> str | None:
+    """The stable error id of a delivery error (None for anything else)."""
+    return error.error_id if isinstance(error, DeliveryError) else None

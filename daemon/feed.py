@@ -29,7 +29,8 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from daemon import journal, store
+from daemon import db, journal, store
+from daemon.db import DatabaseHealth
 from daemon.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -65,8 +66,9 @@ class JournalFeed:
     """See the module docstring. ``run`` is a supervised background task."""
 
     def __init__(self, pool: asyncpg.Pool, integration: str, metrics: Metrics, *,
-                 doorbell_window_s: float) -> None:
+                 doorbell_window_s: float, health: DatabaseHealth | None = None) -> None:
         self._pool = pool
+        self._health = health or DatabaseHealth()
         self._integration = integration
         self._metrics = metrics
         self._recheck_after_s = doorbell_window_s + RECHECK_MARGIN_S
@@ -118,9 +120,11 @@ class JournalFeed:
                 continue
             try:
                 await self._fetch()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    TimeoutError) as exc:
-                log.warning("journal_feed_failed", error=type(exc).__name__)
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+                if not self._health.failed(exc, "journal-feed"):
+                    log.warning("journal_feed_failed", error=type(exc).__name__)
+            else:
+                self._health.succeeded()
 
     async def _sleep(self, stopping: asyncio.Event) -> None:
         timeout = None

@@ -149,13 +149,15 @@ def parse_raw(event_type: str, body: Any) -> IncomingEvent | str:
 
 
 class UnknownToken(LookupError):
-    """No enterprise has this Token."""
+    """No active enterprise has this Token."""
 
 
 async def accept(pool: asyncpg.Pool, matrix: EnablementMatrix, event: IncomingEvent) -> Accepted:
     """Store ``event`` unless its enterprise has nothing enabled (decided without the DB).
 
-    Raises ``UnknownToken``. The insert is committed when this returns.
+    The Token names the enterprise by the rule of docs/events.md (``matrix.by_token``).
+    Raises ``UnknownToken``, or ``AmbiguousToken`` when it names several active
+    enterprises (nothing is stored). The insert is committed when this returns.
     """
     enterprise = matrix.by_token(event.token)
     if enterprise is None:

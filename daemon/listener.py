@@ -1,10 +1,10 @@
 """The LISTEN connection: one dedicated asyncpg connection, never from the pool.
 
 It LISTENs on ``crm_events`` (the doorbell) and ``crm_config`` (configuration changes) and
-hands each notification to a handler. NOTIFY is a hint (STYLE.md rule 5): notifications sent
-while the connection is away are gone, so after every (re)connect ``on_connect`` runs with the
-``time.monotonic()`` from which notifications arrive — the composition root makes it a config
-catch-up plus a dispatcher wake-up. ``open`` makes the first connection before ``run``, so
+hands each notification to a handler. NOTIFY is a hint (docs/architecture.md): notifications
+sent while the connection is away are gone, so after every (re)connect ``on_connect`` runs
+with the ``time.monotonic()`` from which notifications arrive — the composition root makes it
+a config catch-up plus a dispatcher wake-up. ``open`` makes the first connection before ``run``, so
 that a config load started after it (the startup load) already covers the first catch-up.
 
 A lost connection is noticed two ways: asyncpg's termination listener, and a probe every
@@ -28,6 +28,7 @@ import asyncpg
 import structlog
 
 from daemon import db, store
+from daemon.db import DatabaseHealth
 from daemon.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -66,6 +67,7 @@ class Listener:
         probe_timeout_s: float = PROBE_TIMEOUT_S,
         command_timeout_s: float = 10.0,
         application_name: str = "crm-bridge:listener",
+        health: DatabaseHealth | None = None,
     ) -> None:
         self._dsn = dsn
         self._handlers = dict(handlers)
@@ -75,6 +77,8 @@ class Listener:
         self._probe_timeout_s = probe_timeout_s
         self._command_timeout_s = command_timeout_s
         self._application_name = application_name
+        self._health = health or DatabaseHealth()
+        self._rng = random.Random()  # reconnect jitter (not the random module's shared state)
         self._probe_channel = f"crm_probe_{secrets.token_hex(6)}"
         self._probe_waiters: dict[str, asyncio.Future[None]] = {}
         self._pid: int | None = None
@@ -108,19 +112,24 @@ class Listener:
             conn = self._opened or await self._connect()
             self._opened = None
             if conn is None:
-                await _sleep_or_stop(stopping, delay * random.uniform(0.5, 1.0))
+                await _sleep_or_stop(stopping, delay * self._rng.uniform(0.5, 1.0))
                 delay = min(delay * 2, RECONNECT_MAX_S)
                 continue
-            delay = RECONNECT_MIN_S
             try:
-                await self._serve(conn, stopping)
+                caught_up = await self._serve(conn, stopping)
             finally:
                 self._set_connected(False)
                 self._pid = None
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT_S)
+            if caught_up:
+                delay = RECONNECT_MIN_S
+            else:  # connected, but the database failed the catch-up: back off
+                await _sleep_or_stop(stopping, delay * self._rng.uniform(0.5, 1.0))
+                delay = min(delay * 2, RECONNECT_MAX_S)
 
     async def _connect(self) -> asyncpg.Connection | None:
+        conn: asyncpg.Connection | None = None
         try:
             conn = await db.connect(
                 self._dsn, command_timeout_s=self._command_timeout_s,
@@ -130,11 +139,15 @@ class Listener:
                 await conn.add_listener(channel, self._on_notification)
             await conn.add_listener(self._probe_channel, self._on_probe)
             self._listening_since = time.monotonic()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+            if conn is not None:  # connected, but LISTEN failed: do not leak it
+                conn.terminate()
+            self._health.failed(exc, "listener")
             if self.state.last_error is None:
                 log.warning("listener_unavailable", error=type(exc).__name__)
             self.state.last_error = type(exc).__name__
             return None
+        self._health.succeeded()
         if self.state.connects:
             self.state.reconnects += 1
             self._metrics.listener_reconnects.inc()
@@ -145,14 +158,22 @@ class Listener:
         self._set_connected(True)
         return conn
 
-    async def _serve(self, conn: asyncpg.Connection, stopping: asyncio.Event) -> None:
+    async def _serve(self, conn: asyncpg.Connection, stopping: asyncio.Event) -> bool:
+        """Catch up, then listen and probe until the connection is lost or ``stopping``;
+        False when the catch-up failed because the database is unavailable."""
         lost = asyncio.Event()
         conn.add_termination_listener(lambda _c: lost.set())
         if conn.is_closed():  # lost between ``open`` and ``run``
             lost.set()
         try:
             await self._on_connect(self._listening_since)
-        except Exception:
+        except Exception as exc:
+            if self._health.failed(exc, "listener"):
+                # Notifications may have been missed and not caught up: connect again,
+                # which catches up again (after a pause, if the database is still away).
+                log.warning("listener_catch_up_failed", error=type(exc).__name__)
+                self.state.last_error = "catch-up failed"
+                return False
             log.exception("listener_catch_up_failed")
         self.caught_up.set()
         while not stopping.is_set() and not lost.is_set():
@@ -164,6 +185,7 @@ class Listener:
         if lost.is_set() and not stopping.is_set():
             log.warning("listener_connection_lost")
             self.state.last_error = "connection lost"
+        return True
 
     async def _probe(self, conn: asyncpg.Connection) -> bool:
         token = secrets.token_hex(4)
@@ -174,7 +196,8 @@ class Listener:
             usage = await conn.fetchval(store.NOTIFICATION_QUEUE_USAGE)
             self._metrics.notification_queue_usage.set(float(usage))
             await asyncio.wait_for(waiter, self._probe_timeout_s)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+            self._health.failed(exc, "listener")
             log.warning("listener_probe_failed", error=type(exc).__name__)
             self.state.last_error = f"probe failed: {type(exc).__name__}"
             return False

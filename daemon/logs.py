@@ -26,7 +26,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from daemon import store
+from daemon import db, store
+from daemon.db import DatabaseHealth
 from daemon.logconfig import MASK, is_secret_key, scrub_text
 from daemon.metrics import Metrics
 
@@ -115,10 +116,13 @@ class LogRow:
 class OutcomeWriter:
     """Writes settlements in batches (see the module docstring)."""
 
-    def __init__(self, pool: asyncpg.Pool, integration: str, metrics: Metrics) -> None:
+    def __init__(self, pool: asyncpg.Pool, integration: str, metrics: Metrics, *,
+                 health: DatabaseHealth | None = None) -> None:
         self._pool = pool
         self._integration = integration
         self._metrics = metrics
+        self._health = health or DatabaseHealth()
+        self.failures = 0  # consecutive failed writes of the current batch
         self._pending: list[Settlement] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -130,8 +134,14 @@ class OutcomeWriter:
     def on_settled(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` after each batch that finished a delivery (done, skipped or
         failed) with a later delivery of the same call waiting: that one is due now, and
-        the dispatcher should not wait for the poll to find out."""
+        the dispatcher should not wait for the poll to find out. Also after the first
+        batch written once ``failing`` is over."""
         self._on_settled.append(callback)
+
+    @property
+    def failing(self) -> bool:
+        """True while the last write failed and its batch waits to be written again."""
+        return self.failures > 0
 
     def on_written(self, callback: Callable[[list[int]], None]) -> None:
         """Call ``callback`` with the event ids of every batch of deliveries settled (the
@@ -166,28 +176,36 @@ class OutcomeWriter:
             await self._write_with_retry(batch, stopping)
 
     async def _write_with_retry(self, batch: list[Settlement], stopping: asyncio.Event) -> None:
-        delay = 0.1
         with_logs = True
         while True:
             try:
                 await self._write(batch, with_logs=with_logs)
-                return
             except asyncpg.DataError as exc:
                 # A row the database refuses is a bug of ours; settling the deliveries
                 # matters more than their log rows, so they go without.
                 log.error("log_rows_dropped", error=type(exc).__name__, detail=str(exc)[:200],
                           batch=len(batch))
                 with_logs = False
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                continue
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
                 # The leases keep the deliveries safe meanwhile; if they expire, the work is
                 # redone (at least once). Never drop a batch while the process lives.
-                log.warning("outcomes_write_failed", error=type(exc).__name__,
-                            batch=len(batch), retry_in_s=delay)
-                if stopping.is_set() and delay > 2:
+                self.failures += 1
+                if not self._health.failed(exc, "outcome-writer"):
+                    log.warning("outcomes_write_failed", error=type(exc).__name__,
+                                batch=len(batch))
+                if stopping.is_set() and self.failures > 5:
                     log.error("outcomes_abandoned", batch=len(batch))
+                    self.failures = 0
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.sleep(self._health.pause_s(self.failures))
+                continue
+            self._health.succeeded()
+            if self.failures:
+                self.failures = 0
+                for callback in self._on_settled:
+                    callback()
+            return
 
     async def _write(self, batch: list[Settlement], *, with_logs: bool = True) -> None:
         rows = [s.log for s in batch if s.log is not None] if with_logs else []

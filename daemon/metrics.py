@@ -31,6 +31,16 @@ class Metrics:
             "crm_bridge_info", "Constant 1, labelled with what this process runs and where.",
             ["integration", "version", "host"], registry=r,
         )
+        # --- the database
+        self.database_up = Gauge(
+            "crm_bridge_database_up",
+            "1 while the database answers this process's loops, 0 during an outage.",
+            registry=r,
+        )
+        self.database_outages = Counter(
+            "crm_bridge_database_outages_total",
+            "Times the database became unavailable to this process.", registry=r,
+        )
         # --- listener
         self.listener_connected = Gauge(
             "crm_bridge_listener_connected", "1 while the LISTEN connection is up.", registry=r
@@ -80,10 +90,21 @@ class Metrics:
             "crm_bridge_config_invalid_entries",
             "Enterprises whose configuration of this integration failed validation.", registry=r,
         )
+        self.ambiguous_tokens = Gauge(
+            "crm_bridge_ambiguous_tokens",
+            "Tokens naming more than one active enterprise (their events are refused).",
+            registry=r,
+        )
         # --- delivery pipeline
         self.deliveries = Counter(
             "crm_bridge_deliveries_total", "Delivery attempts settled, by outcome.",
             ["outcome"], registry=r,
+        )
+        self.deliveries_rejected = Counter(
+            "crm_bridge_deliveries_rejected_total",
+            "Deliveries dead-lettered without an attempt, by reason: malformed (the row "
+            "cannot be read), poison (its lease expired too often without an outcome), "
+            "attempts (used up).", ["reason"], registry=r,
         )
         self.attempt_seconds = Histogram(
             "crm_bridge_attempt_seconds", "Duration of delivery attempts.",

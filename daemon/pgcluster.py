@@ -177,6 +177,19 @@ class ThrowawayCluster:
                 raise ClusterError(f"pg_ctl start failed: {result.stderr.strip()} {log_tail}")
         return self.url
 
+    def restart(self, mode: str = "fast") -> None:
+        """Restart the running server: ``fast`` (clients are disconnected, a clean shutdown)
+        or ``immediate`` (as after a crash: recovery at start). Tests use it to take the
+        database away from a running daemon."""
+        if mode not in {"fast", "immediate"}:
+            raise ValueError(f"mode must be 'fast' or 'immediate', got {mode!r}")
+        result = self._run(
+            "pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"),
+            "-m", mode, "-w", "-t", "60", "restart",
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"pg_ctl restart failed: {result.stderr.strip()[-500:]}")
+
     def stop(self) -> None:
         """Stop the server (fast mode) if it runs."""
         if (self.datadir / "PG_VERSION").exists() and self.running():

@@ -13,7 +13,8 @@ import contextlib
 import asyncpg
 import structlog
 
-from daemon import store
+from daemon import db, store
+from daemon.db import DatabaseHealth
 from daemon.metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -37,8 +38,10 @@ async def purge(pool: asyncpg.Pool, retention_s: float, *, batch: int = PURGE_BA
 
 
 async def run_purger(pool: asyncpg.Pool, retention_s: float, interval_s: float,
-                     metrics: Metrics, stopping: asyncio.Event) -> None:
+                     metrics: Metrics, stopping: asyncio.Event, *,
+                     health: DatabaseHealth | None = None) -> None:
     """Purge every ``interval_s`` until ``stopping`` (a failed round waits for the next)."""
+    health = health or DatabaseHealth()
     while not stopping.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stopping.wait(), interval_s)
@@ -46,8 +49,10 @@ async def run_purger(pool: asyncpg.Pool, retention_s: float, interval_s: float,
             return
         try:
             removed = await purge(pool, retention_s, metrics=metrics)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-            log.warning("purge_failed", error=type(exc).__name__)
+        except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+            if not health.failed(exc, "purger"):
+                log.warning("purge_failed", error=type(exc).__name__)
             continue
+        health.succeeded()
         if removed:
             log.info("events_purged", count=removed)

@@ -27,6 +27,7 @@ from daemon import __version__, db, egress, loopwatch, retention, store
 from daemon.auditlog import AuditLog
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
+from daemon.db import DatabaseHealth
 from daemon.dispatcher import Dispatcher
 from daemon.feed import JournalFeed
 from daemon.guards import Guards
@@ -35,6 +36,7 @@ from daemon.integrations.base import Adapter, AdapterDeps, CallbackDeps, Integra
 from daemon.listener import Listener
 from daemon.logs import OutcomeWriter
 from daemon.metrics import Metrics
+from daemon.migrate import find_sql_dir, load_migrations
 from daemon.pbx import Pbx
 from daemon.pbx import new_session as pbx_session
 from daemon.redirect import SmartRedirect
@@ -65,6 +67,8 @@ class Runtime:
     writer: OutcomeWriter
     dispatcher: Dispatcher
     listener: Listener | None
+    health: DatabaseHealth
+    migrations: frozenset[int]  # the versions this build's sql/ holds (``/ready``)
     feed: JournalFeed
     pbx: Pbx
     make_call_throttle: Throttle
@@ -117,21 +121,23 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         )
         stack.push_async_callback(http.close)
         metrics = Metrics(settings.integration)
+        health = DatabaseHealth(metrics)
         crypto = Crypto(settings.encryption_keys, settings.secret_key)
         adapter = load_adapter(
             settings.integration,
             AdapterDeps(
                 crypto=crypto, http=http, pool=pool, public_url=settings.public_url,
                 secret_key=settings.secret_key, settings=settings.adapter_settings(),
+                health=health,
             ),
         )
         supervisor = Supervisor()
         cache = ConfigCache(pool, adapter, crypto, metrics, ttl_s=settings.config_ttl_s,
-                            refresh_s=settings.config_refresh_s)
+                            refresh_s=settings.config_refresh_s, health=health)
         stack.push_async_callback(cache.close)
         guards = Guards({**adapter.rate_limits, **dict(settings.rate_limits)},
                         settings.enterprise_concurrency, metrics)
-        writer = OutcomeWriter(pool, adapter.name, metrics)
+        writer = OutcomeWriter(pool, adapter.name, metrics, health=health)
         doorbell_window_s = await store.doorbell_window_s(pool)
         dispatcher = Dispatcher(
             pool, adapter, cache, guards, writer, metrics, instance_id=settings.instance_id,
@@ -142,11 +148,13 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
             doorbell_window_s=doorbell_window_s,
+            max_lease_expiries=settings.max_lease_expiries, health=health,
         )
-        feed = JournalFeed(pool, adapter.name, metrics, doorbell_window_s=doorbell_window_s)
+        feed = JournalFeed(pool, adapter.name, metrics, doorbell_window_s=doorbell_window_s,
+                           health=health)
         writer.on_written(feed.settled)
-        listener = (_listener(settings, cache, dispatcher, feed, metrics) if settings.notify
-                    else None)
+        listener = (_listener(settings, cache, dispatcher, feed, metrics, health)
+                    if settings.notify else None)
         if listener is None:  # poll only: no LISTEN connection to report, nor to alert on
             metrics.registry.unregister(metrics.listener_connected)
         pbx_http = pbx_session(settings.pbx_timeout_s, connections=PBX_CONNECTIONS,
@@ -162,9 +170,11 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
-            dispatcher=dispatcher, listener=listener, feed=feed, pbx=pbx,
-            make_call_throttle=Throttle(settings.make_call_rate), audit=audit,
-            redirect=redirect,
+            dispatcher=dispatcher, listener=listener, health=health,
+            migrations=frozenset(m.version for m in
+                                 load_migrations(find_sql_dir(settings.sql_dir))),
+            feed=feed, pbx=pbx, make_call_throttle=Throttle(settings.make_call_rate),
+            audit=audit, redirect=redirect,
         )
         metrics.info.labels(adapter.name, __version__, socket.gethostname()).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
@@ -178,7 +188,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
-              feed: JournalFeed, metrics: Metrics) -> Listener:
+              feed: JournalFeed, metrics: Metrics, health: DatabaseHealth) -> Listener:
     async def catch_up(since: float) -> None:
         await cache.catch_up(since)
         dispatcher.wake()
@@ -193,7 +203,7 @@ def _listener(settings: Settings, cache: ConfigCache, dispatcher: Dispatcher,
         {"crm_events": on_events, "crm_config": lambda p: on_config(cache, p)},
         catch_up, metrics, probe_interval_s=settings.listener_probe_s,
         command_timeout_s=settings.db_command_timeout_s,
-        application_name=f"crm-bridge:{settings.integration}:listener",
+        application_name=f"crm-bridge:{settings.integration}:listener", health=health,
     )
 
 
@@ -218,6 +228,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("journal-feed", rt.feed.run(stopping))
     spawn("loop-watch", loopwatch.run(rt.metrics, stopping))
     spawn("purger", retention.run_purger(rt.pool, s.retention_days * 86_400,
-                                         s.purge_interval_s, rt.metrics, stopping))
+                                         s.purge_interval_s, rt.metrics, stopping,
+                                         health=rt.health))
     for name, coro in rt.adapter.tasks(stopping).items():
         spawn(f"{rt.adapter.name}-{name}", coro)

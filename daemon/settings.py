@@ -62,6 +62,7 @@ class Settings:
     concurrency: int = 200
     enterprise_concurrency: int = 4
     max_attempts: int = 12
+    max_lease_expiries: int = 3
     max_age_s: float = 86_400.0
     retry_base_s: float = 1.0
     retry_max_s: float = 300.0
@@ -289,6 +290,9 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("concurrency", _int, "deliveries in flight per process"),
     _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise"),
     _Field("max_attempts", _int, "attempts before a delivery fails (dead letter)"),
+    _Field("max_lease_expiries", _int,
+           "times a delivery's lease may expire without an outcome (its process crashed or "
+           "hung on it) before it fails as `poison`"),
     _Field("max_age_s", _positive_float, "age after which a delivery fails, seconds"),
     _Field("retry_base_s", _positive_float,
            "first retry's backoff ceiling, seconds; doubles per attempt, full jitter"),
@@ -407,6 +411,8 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
     if settings.smart_redirect_deadline_s > MAX_REDIRECT_DEADLINE_S:
         raise SettingsError(PREFIX + "SMART_REDIRECT_DEADLINE_S",
                             f"must be at most {MAX_REDIRECT_DEADLINE_S:g} (a caller is waiting)")
+    if settings.max_lease_expiries < 1:
+        raise SettingsError(PREFIX + "MAX_LEASE_EXPIRIES", "must be at least 1")
     if settings.max_response_bytes < MIN_RESPONSE_BYTES:
         raise SettingsError(PREFIX + "MAX_RESPONSE_BYTES",
                             f"must be at least {MIN_RESPONSE_BYTES} bytes")

@@ -3,6 +3,11 @@
 Nothing else in the code base writes SQL (migrations live in ``sql/``). Each function takes a
 pool or a connection and returns plain values or records; none of them knows about HTTP,
 CRMs or caching.
+
+JSON that others write — ``crm_events.payload``, ``enterprises.integrations_config`` — is
+selected as text and decoded row by row (``daemon.db.decode_json``), never by the
+connection's codec inside ``fetch``, where one unreadable value would fail every row of the
+statement (see daemon/db.py).
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ from datetime import datetime
 from typing import Any, TypeAlias
 
 import asyncpg
+
+from daemon.db import UnreadableJson, decode_json
+from daemon.errors import ConfigError
 
 Executor: TypeAlias = "asyncpg.Pool | asyncpg.Connection"
 
@@ -46,25 +54,43 @@ async def served_integrations(db: Executor) -> list[str]:
     return [r["integration_type"] for r in await db.fetch(SERVED_INTEGRATIONS)]
 
 
+# The migrations applied (``/ready``).
+APPLIED_MIGRATIONS = "SELECT coalesce(array_agg(version), '{}') FROM schema_migrations"
+
+
+async def applied_migrations(db: Executor, timeout_s: float) -> set[int]:
+    """The versions recorded in ``schema_migrations`` — none when it does not exist yet
+    (one round trip within ``timeout_s``)."""
+    try:
+        versions: list[int] = await db.fetchval(APPLIED_MIGRATIONS, timeout=timeout_s)
+    except asyncpg.UndefinedTableError:
+        return set()
+    return set(versions)
+
+
 # ------------------------------------------------------------------ configuration
 
-_ENTERPRISE_COLUMNS = """
-SELECT e.number, e.name2, e.active, e.integrations_config,
+# One enterprise for the adapter's upkeep: its key of integrations_config as text
+# (decoded by ``load_enterprise``), and its holds of integration $1.
+LOAD_ENTERPRISE = """
+SELECT e.number, e.name2, e.active, (e.integrations_config -> $1::text)::text AS config,
        coalesce(h.holds, '{}'::jsonb) AS holds
   FROM enterprises e
   LEFT JOIN (SELECT enterprise_number, jsonb_object_agg(reason, detail) AS holds
                FROM crm_holds WHERE integration_type = $1
               GROUP BY enterprise_number) h ON h.enterprise_number = e.number
+ WHERE e.number = $2
 """
 
-LOAD_ENTERPRISE = _ENTERPRISE_COLUMNS + " WHERE e.number = $2"
-
 # What the ConfigCache needs of an enterprise, and no more: ``config`` is only this
-# integration's key of integrations_config, ``enabled`` the names of the keys whose
-# ``enabled`` is true (other services' configs are neither sent nor decoded: most of a full
-# refresh's time and memory went there), ``holds`` NULL when there are none.
+# integration's key of integrations_config, as text (the cache decodes it row by row),
+# ``enabled`` the names of the keys whose ``enabled`` is true (other services' configs are
+# neither sent nor decoded: most of a full refresh's time and memory went there), ``holds``
+# NULL when there are none. ``secret`` is read only to be fingerprinted at once: a Token may
+# name an enterprise by it (docs/events.md).
 _ENTRY_COLUMNS = """
-SELECT e.number, e.name2, e.active, e.integrations_config -> $1::text AS config,
+SELECT e.number, e.name2, e.secret, e.active,
+       (e.integrations_config -> $1::text)::text AS config,
        ARRAY(SELECT c.key
                FROM jsonb_each(CASE jsonb_typeof(e.integrations_config)
                                WHEN 'object' THEN e.integrations_config END) c
@@ -79,6 +105,26 @@ LOAD_ENTRY = _ENTRY_COLUMNS + " WHERE e.number = $2"
 # Keyset pagination: the page after enterprise ``$2`` ('' sorts before every number).
 LOAD_ENTRIES_AFTER = _ENTRY_COLUMNS + " WHERE e.number > $2 ORDER BY e.number LIMIT $3"
 
+# Tokens that name more than one active enterprise at the first level that matches (the
+# rule of sql/004's crm_events_admit and of cache.EnablementMatrix): a name2 shared by
+# several active enterprises, and a secret shared by several that no active name2 equals.
+# A secret is never returned, only the enterprises sharing it.
+AMBIGUOUS_TOKENS = """
+SELECT 'name2' AS level, e.name2 AS token, array_agg(e.number ORDER BY e.number) AS enterprises
+  FROM enterprises e
+ WHERE e.active AND coalesce(e.name2, '') <> ''
+ GROUP BY e.name2
+HAVING count(*) > 1
+ UNION ALL
+SELECT 'secret', NULL, array_agg(e.number ORDER BY e.number)
+  FROM enterprises e
+ WHERE e.active AND coalesce(e.secret, '') <> ''
+   AND NOT EXISTS (SELECT 1 FROM enterprises n WHERE n.active AND n.name2 = e.secret)
+ GROUP BY e.secret
+HAVING count(*) > 1
+ ORDER BY 1, 3
+"""
+
 PUT_HOLD = """
 INSERT INTO crm_holds (enterprise_number, integration_type, reason, detail)
 VALUES ($1, $2, $3, $4)
@@ -91,10 +137,36 @@ DELETE FROM crm_holds WHERE enterprise_number = $1 AND integration_type = $2 AND
 """
 
 
-async def load_enterprise(db: Executor, integration: str, number: str) -> asyncpg.Record | None:
-    """One enterprise's row with its holds of ``integration`` (None when it does not exist)."""
-    row: asyncpg.Record | None = await db.fetchrow(LOAD_ENTERPRISE, integration, number)
-    return row
+def _config_value(text: str | None, integration: str) -> Any:
+    """A stored ``integrations_config[integration]`` read as text, decoded; an unreadable
+    one is a ``ConfigError`` naming the integration (never a crash of the caller)."""
+    if text is None:
+        return None
+    try:
+        return decode_json(text)
+    except UnreadableJson as exc:
+        raise ConfigError(integration, f"the stored configuration cannot be read: {exc}") from None
+
+
+def _config_object(text: str | None, integration: str) -> dict[str, Any] | None:
+    value = _config_value(text, integration)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(integration, "the stored configuration is not a JSON object")
+    return value
+
+
+async def load_enterprise(
+    db: Executor, integration: str, number: str
+) -> dict[str, Any] | None:
+    """One enterprise (None when it does not exist): ``number``, ``name2``, ``active``,
+    ``config`` (its ``integrations_config[integration]`` decoded, or None) and ``holds`` of
+    ``integration``. An unreadable config raises ``ConfigError(integration)``."""
+    row = await db.fetchrow(LOAD_ENTERPRISE, integration, number)
+    if row is None:
+        return None
+    return {**dict(row), "config": _config_value(row["config"], integration)}
 
 
 async def load_entry(db: Executor, integration: str, number: str) -> asyncpg.Record | None:
@@ -109,6 +181,13 @@ async def load_entries_after(
     """Up to ``limit`` enterprises numbered after ``after`` ('' for the first page), in
     number order, as the ConfigCache sees them (``_ENTRY_COLUMNS``)."""
     rows: list[asyncpg.Record] = await db.fetch(LOAD_ENTRIES_AFTER, integration, after, limit)
+    return rows
+
+
+async def ambiguous_tokens(db: Executor) -> list[asyncpg.Record]:
+    """Every ambiguous Token: ``level`` (name2 | secret), ``token`` (None for a secret) and
+    ``enterprises`` (the active ones it names)."""
+    rows: list[asyncpg.Record] = await db.fetch(AMBIGUOUS_TOKENS)
     return rows
 
 
@@ -131,18 +210,21 @@ UPDATE enterprises
            integrations_config, ARRAY[$2::text],
            coalesce(integrations_config -> $2::text, '{}'::jsonb) || $3::jsonb, true)
  WHERE number = $1
-RETURNING integrations_config -> $2::text
+RETURNING (integrations_config -> $2::text)::text
 """
 
 READ_INTEGRATION_CONFIG = """
-SELECT integrations_config -> $2::text FROM enterprises WHERE number = $1
+SELECT (integrations_config -> $2::text)::text FROM enterprises WHERE number = $1
 """
 
 BUMP_INTEGRATION_COUNTER = """
 UPDATE enterprises
    SET integrations_config = jsonb_set(
            integrations_config, ARRAY[$2::text, $3::text],
-           to_jsonb(coalesce((integrations_config -> $2::text ->> $3::text)::int, 0) + 1), true)
+           -- A value that is not a plain count (hand-edited: 1.5, 1e10, "x") counts as 0.
+           to_jsonb(CASE WHEN integrations_config -> $2::text ->> $3::text ~ '^[0-9]{1,9}$'
+                         THEN (integrations_config -> $2::text ->> $3::text)::int
+                         ELSE 0 END + 1), true)
  WHERE number = $1 AND integrations_config ? $2::text
 RETURNING (integrations_config -> $2::text ->> $3::text)::int
 """
@@ -152,17 +234,18 @@ async def merge_integration_config(
     db: Executor, enterprise: str, integration: str, values: Mapping[str, Any]
 ) -> dict[str, Any] | None:
     """Set ``values`` in ``integrations_config[integration]``; the new value (None: no such
-    enterprise)."""
-    value = await db.fetchval(MERGE_INTEGRATION_CONFIG, enterprise, integration, dict(values))
-    return None if value is None else dict(value)
+    enterprise; ``ConfigError`` when what is stored cannot be read)."""
+    text = await db.fetchval(MERGE_INTEGRATION_CONFIG, enterprise, integration, dict(values))
+    return _config_object(text, integration)
 
 
 async def read_integration_config(
     db: Executor, enterprise: str, integration: str
 ) -> dict[str, Any] | None:
-    """``integrations_config[integration]`` as stored, or None."""
-    value = await db.fetchval(READ_INTEGRATION_CONFIG, enterprise, integration)
-    return None if value is None else dict(value)
+    """``integrations_config[integration]`` as stored, or None (``ConfigError`` when it
+    cannot be read)."""
+    text = await db.fetchval(READ_INTEGRATION_CONFIG, enterprise, integration)
+    return _config_object(text, integration)
 
 
 async def bump_integration_counter(
@@ -199,9 +282,24 @@ async def insert_event(
 # Due deliveries of one integration, oldest first, skipping what another instance holds,
 # what a held enterprise owns, and any delivery whose call has an earlier one still
 # pending (per-call order). Takes a lease and counts the attempt in the same statement.
+#
+# A delivery whose lease expired without an outcome (its holder crashed, hung, or lost the
+# database for longer than the lease) is counted in ``lease_expiries``; when that reaches
+# $6, or its attempts have reached $7 (CRM_BRIDGE_MAX_ATTEMPTS), the claim dead-letters it
+# instead ('poison' / 'attempts' in ``dead``) and writes its log row: a row that kills
+# every process attempting it cannot do so forever. Dead rows come back without payload.
+# A delivery reclaimed after an earlier expiry already (its second or later) is a
+# ``suspect``: it is taken alone (with any dead ones), so if it is what crashes its holders,
+# the deliveries in flight beside it are not taken down with it again — an innocent delivery
+# is not poisoned by company. (After one expiry, the common case of a process killed with a
+# batch in flight, deliveries are claimed together as usual.)
+# The payload comes as text, decoded row by row by the dispatcher (see daemon/db.py).
 CLAIM = """
 WITH due AS (
-    SELECT d.event_id, d.locked_until IS NOT NULL AS reclaimed
+    SELECT d.event_id, d.locked_until IS NOT NULL AS reclaimed,
+           d.locked_until IS NOT NULL AND d.lease_expiries >= 1 AS suspect,
+           CASE WHEN d.locked_until IS NOT NULL AND d.lease_expiries + 1 >= $6 THEN 'poison'
+                WHEN d.attempts >= $7 THEN 'attempts' END AS dead
       FROM crm_deliveries d
      WHERE d.integration_type = $1
        AND d.status = 'pending'
@@ -218,23 +316,66 @@ WITH due AS (
      ORDER BY d.next_attempt_at, d.event_id
      LIMIT $2
        FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT due.* FROM due
+     WHERE due.dead IS NOT NULL
+        OR due.event_id = coalesce(
+               (SELECT min(s.event_id) FROM due s WHERE s.suspect AND s.dead IS NULL),
+               due.event_id)
 ), taken AS (
     UPDATE crm_deliveries d
-       SET locked_until = now() + make_interval(secs => $4),
-           locked_by = $5,
-           attempts = d.attempts + 1
-      FROM due
+       SET locked_until = CASE WHEN due.dead IS NULL
+                               THEN now() + make_interval(secs => $4) END,
+           locked_by = CASE WHEN due.dead IS NULL THEN $5 END,
+           attempts = d.attempts + (due.dead IS NULL)::int,
+           lease_expiries = d.lease_expiries + due.reclaimed::int,
+           status = CASE WHEN due.dead IS NULL THEN 'pending' ELSE 'failed' END,
+           last_error = CASE due.dead
+               WHEN 'poison' THEN format(
+                   'poison: its lease expired %s times without an outcome (the process '
+                   'attempting it crashed, hung or lost the database)', d.lease_expiries + 1)
+               WHEN 'attempts' THEN format(
+                   'attempts: gave up after %s attempts, the last one without an outcome',
+                   d.attempts)
+               ELSE d.last_error END
+      FROM picked due
      WHERE d.integration_type = $1 AND d.event_id = due.event_id
- RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed,
+ RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed, due.suspect, due.dead,
+           d.last_error,
+           d.enterprise_number, d.unique_id,
            extract(epoch FROM d.locked_until - now())::float8 AS lease_s
+), logged AS (
+    INSERT INTO integration_logs (enterprise_number, integration_type, event_type,
+                                  request_data, response_data, status, error_message)
+    SELECT t.enterprise_number, $1, e.event_type,
+           jsonb_build_object('unique_id', t.unique_id, 'event_id', t.event_id,
+                              'attempt', t.attempts, 'requests', '[]'::jsonb),
+           '[]'::jsonb, 'error', t.last_error
+      FROM taken t
+      JOIN crm_events e ON e.id = t.event_id
+     WHERE t.dead IS NOT NULL
 )
-SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.lease_s,
-       e.enterprise_number, e.event_type, e.unique_id, e.payload, e.record_url, e.origin,
-       e.received_at
+SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.suspect, t.lease_s, t.dead,
+       t.last_error,
+       e.enterprise_number, e.event_type, e.unique_id,
+       CASE WHEN t.dead IS NULL THEN e.payload::text END AS payload,
+       e.record_url, e.origin, e.received_at
   FROM taken t
   JOIN crm_events e ON e.id = t.event_id
  ORDER BY t.event_id
 """
+
+async def claim(
+    db: Executor, integration: str, limit: int, held: Iterable[str], lease_s: float,
+    lease: str, *, max_lease_expiries: int, max_attempts: int,
+) -> list[asyncpg.Record]:
+    """Claim up to ``limit`` due deliveries under ``lease`` (see ``CLAIM``): the rows taken,
+    and those the claim dead-lettered itself (``dead`` not None, no payload)."""
+    rows: list[asyncpg.Record] = await db.fetch(
+        CLAIM, integration, limit, sorted(held), lease_s, lease, max_lease_expiries,
+        max_attempts)
+    return rows
+
 
 # Settle a batch and write its log rows, in one statement (one round trip, no explicit
 # transaction: a data-modifying CTE runs to completion whether or not its rows are read).
@@ -280,8 +421,10 @@ RETURNING d.event_id,
                  AND n.event_id > d.event_id) AS unblocks
 """
 
+# The payload as text: decoded row by row (``call_events``), so one unreadable sibling
+# does not fail the others.
 CALL_EVENTS = """
-SELECT id, event_type, unique_id, payload, record_url, origin, received_at
+SELECT id, event_type, unique_id, payload::text AS payload, record_url, origin, received_at
   FROM crm_events
  WHERE enterprise_number = $1 AND unique_id = $2
  ORDER BY id
@@ -310,7 +453,8 @@ async def doorbell_window_s(db: Executor) -> float:
 
 
 async def call_events(db: Executor, enterprise: str, unique_id: str) -> list[asyncpg.Record]:
-    """Every stored event of one call, in arrival order."""
+    """Every stored event of one call, in arrival order; ``payload`` is the stored body as
+    JSON text (decode it with ``daemon.db.decode_json``)."""
     rows: list[asyncpg.Record] = await db.fetch(CALL_EVENTS, enterprise, unique_id)
     return rows
 
@@ -336,8 +480,8 @@ DELETE FROM crm_events
 REPLAY = """
 WITH picked AS (
     UPDATE crm_deliveries d
-       SET status = 'pending', attempts = 0, queued_at = now(), next_attempt_at = now(),
-           last_error = NULL, locked_until = NULL, locked_by = NULL
+       SET status = 'pending', attempts = 0, lease_expiries = 0, queued_at = now(),
+           next_attempt_at = now(), last_error = NULL, locked_until = NULL, locked_by = NULL
       FROM crm_events e
      WHERE e.id = d.event_id
        AND d.integration_type = $1
@@ -396,13 +540,13 @@ UPDATE enterprises
            integrations_config, ARRAY[$2::text],
            $3::jsonb || coalesce(integrations_config -> $2::text, '{}'::jsonb), true)
  WHERE number = $1
-RETURNING integrations_config -> $2::text
+RETURNING (integrations_config -> $2::text)::text
 """
 
 # The integration's key, with the enterprise row locked against other writers until the
 # caller's transaction ends (a read-modify-write of one nested value, such as a map).
 LOCK_INTEGRATION_CONFIG = """
-SELECT integrations_config -> $2::text AS config
+SELECT (integrations_config -> $2::text)::text AS config
   FROM enterprises WHERE number = $1
    FOR NO KEY UPDATE
 """
@@ -449,20 +593,21 @@ async def merge_integration_config_missing(
 ) -> dict[str, Any] | None:
     """Set the keys of ``values`` that ``integrations_config[integration]`` lacks; the
     stored value afterwards (None: no such enterprise)."""
-    value = await db.fetchval(MERGE_INTEGRATION_CONFIG_MISSING, enterprise, integration,
-                              dict(values))
-    return None if value is None else dict(value)
+    text = await db.fetchval(MERGE_INTEGRATION_CONFIG_MISSING, enterprise, integration,
+                             dict(values))
+    return _config_object(text, integration)
 
 
 async def lock_integration_config(
     db: asyncpg.Connection, enterprise: str, integration: str
 ) -> tuple[bool, dict[str, Any] | None]:
     """Lock the enterprise's row for the rest of the transaction ``db`` is in; (whether the
-    enterprise exists, ``integrations_config[integration]`` or None)."""
+    enterprise exists, ``integrations_config[integration]`` or None). ``ConfigError`` when
+    what is stored cannot be read."""
     row = await db.fetchrow(LOCK_INTEGRATION_CONFIG, enterprise, integration)
     if row is None:
         return False, None
-    return True, None if row["config"] is None else dict(row["config"])
+    return True, _config_object(row["config"], integration)
 
 
 async def internal_phones(db: Executor, enterprise: str) -> list[asyncpg.Record]:
@@ -583,11 +728,14 @@ INSERT INTO crm_admin_sessions (id_hash, enterprise_number, integration_type, to
 VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
 """
 
-# A live session with the integration's token_version as stored now (NULL: not configured).
+# A live session with the integration's token_version as stored now (NULL: not configured,
+# or not a plain non-negative integer — such a version voids every session, never an error).
 ADMIN_SESSION = """
 SELECT s.enterprise_number, s.token_version,
        CASE WHEN jsonb_typeof(e.integrations_config -> s.integration_type -> 'token_version')
                  = 'number'
+             AND (e.integrations_config -> s.integration_type ->> 'token_version')
+                 ~ '^[0-9]{1,9}$'
             THEN (e.integrations_config -> s.integration_type ->> 'token_version')::int
        END AS current_version
   FROM crm_admin_sessions s

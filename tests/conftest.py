@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
 import asyncpg
+import hypothesis
 import pytest
 import pytest_asyncio
 
@@ -18,6 +21,13 @@ from tests.support.fakecrm import FakeUpstream, running_upstream
 TEST_SECRET_KEY = "test-secret-key-0123456789abcdef-0123456789"
 TEST_FERNET_KEY = "hHTp3ZkJ7l7yG4Yh8hB8n6dO5S6dC3m4fS9Xf2h7gKk="
 TEST_SERVICE_TOKEN = "test-service-token-abcdefghijklmnop"
+
+# Property tests: a bounded run inside `make test` (the suite stays within minutes on two
+# cores); HYPOTHESIS_PROFILE=thorough for a long hunt.
+hypothesis.settings.register_profile(
+    "suite", max_examples=150, deadline=timedelta(seconds=5), print_blob=True)
+hypothesis.settings.register_profile("thorough", max_examples=3000, deadline=None)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @pytest.fixture(scope="session")

@@ -249,6 +249,12 @@ def test_download_event_type_and_origin() -> None:
          "CallType: expected 0, 1 or 2, got True"),
         ("dial", {**DIAL, "CallType": [0]}, "CallType",
          "CallType: expected 0, 1 or 2, got [0]"),
+        # Digits that are not ASCII: str.isdigit takes them, int() refuses "²" (a ValueError
+        # would be classed a bug and retried) and reads "١" as 1.
+        ("dial", {**DIAL, "CallType": "²"}, "CallType", "CallType: expected 0, 1 or 2, got '²'"),
+        ("dial", {**DIAL, "CallType": "١"}, "CallType", "CallType: expected 0, 1 or 2, got '١'"),
+        ("dial", {**DIAL, "CallType": "1" * 5000}, "CallType",
+         "CallType: expected 0, 1 or 2, got '" + "1" * 39),
         ("dial", {**DIAL, "Extensions": "150"}, "Extensions",
          "Extensions: expected a list of strings, got 'str'"),
         ("dial", {**DIAL, "Extensions": ["150", None]}, "Extensions[1]",
@@ -283,7 +289,7 @@ def test_malformed_bodies_name_the_field(
     assert caught.value.field == field
     assert str(caught.value) == message
     assert caught.value.details == {"field": field}
-    assert caught.value.error_id == "malformed_event"
+    assert caught.value.error_id == "malformed"
     assert isinstance(caught.value, errors.Permanent)
 
 

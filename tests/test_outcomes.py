@@ -23,8 +23,8 @@ async def _leased(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     await add_enterprise(pool, "0367", config={INTEGRATION: {"enabled": True}})
     await insert_event(pool, "dial", dial(1))
     await insert_event(pool, "hangup", hangup(1))
-    rows: list[asyncpg.Record] = await pool.fetch(store.CLAIM, INTEGRATION, 10, [], 30.0, "i:1")
-    return rows
+    return await store.claim(pool, INTEGRATION, 10, [], 30.0, "i:1", max_lease_expiries=3,
+                             max_attempts=12)
 
 
 async def _write(pool: asyncpg.Pool, *settlements: Settlement) -> tuple[OutcomeWriter, int]:

@@ -87,9 +87,14 @@ async def _pages_fail_as_html(request: web.Request, handler: Handler) -> web.Str
         if exc.status < 400:
             raise
         status, error_id, message = exc.status, "http", ""
-    except Exception:
-        log.exception("page_failed", path=request.path)
-        status, error_id, message = 500, "internal", ""
+    except Exception as exc:
+        if request.app[RUNTIME].health.failed(exc, "http"):  # an outage, not a bug
+            log.warning("page_database_unavailable", path=request.path,
+                        error=type(exc).__name__)
+            status, error_id, message = 503, "unavailable", ""
+        else:
+            log.exception("page_failed", path=request.path)
+            status, error_id, message = 500, "internal", ""
     return render(request, "error.html", {
         "status": status, "error": error_id, "message": message,
         "prefix": admin_prefix(request.app[RUNTIME]),

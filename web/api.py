@@ -10,8 +10,15 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.cache import Entry
-from daemon.ingest import FieldError, IncomingEvent, UnknownToken, accept, parse_envelope, parse_raw
+from daemon.cache import AmbiguousToken, Entry
+from daemon.ingest import (
+    FieldError,
+    IncomingEvent,
+    UnknownToken,
+    accept,
+    parse_envelope,
+    parse_raw,
+)
 from daemon.runtime import RUNTIME, Runtime
 from web.auth import require_service_token
 from web.bodies import read_json
@@ -20,7 +27,8 @@ from web.middlewares import HttpError, field_error
 routes = web.RouteTableDef()
 
 
-async def _ingest(request: web.Request, parsed: IncomingEvent | str) -> web.Response:
+async def _ingest(request: web.Request, parsed: IncomingEvent | str,
+                  token_field: str) -> web.Response:
     runtime = request.app[RUNTIME]
     if isinstance(parsed, str):
         runtime.metrics.events_ingested.labels("ignored").inc()
@@ -30,8 +38,13 @@ async def _ingest(request: web.Request, parsed: IncomingEvent | str) -> web.Resp
         result = await accept(runtime.pool, runtime.cache.matrix, parsed)
     except UnknownToken:
         runtime.metrics.events_ingested.labels("unknown_token").inc()
-        raise HttpError(404, "unknown_token", "no enterprise has this token",
-                        {"field": "token"}) from None
+        raise HttpError(404, "unknown_token", "no active enterprise has this token",
+                        {"field": token_field}) from None
+    except AmbiguousToken as exc:
+        runtime.metrics.events_ingested.labels("ambiguous_token").inc()
+        raise HttpError(409, "ambiguous_token",
+                        f"{token_field}: {exc}; nothing was stored",
+                        {"field": token_field, "enterprises": list(exc.enterprises)}) from None
     runtime.metrics.events_ingested.labels("stored" if result.stored else "not_stored").inc()
     return web.json_response(result.body(), status=202)
 
@@ -44,7 +57,7 @@ async def post_event(request: web.Request) -> web.Response:
         parsed = parse_envelope(await read_json(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
-    return await _ingest(request, parsed)
+    return await _ingest(request, parsed, "token")
 
 
 @routes.post("/api/events/{event_type}")
@@ -55,7 +68,7 @@ async def post_raw_event(request: web.Request) -> web.Response:
         parsed = parse_raw(request.match_info["event_type"], await read_json(request))
     except FieldError as exc:
         raise field_error(exc.field, exc.message) from None
-    return await _ingest(request, parsed)
+    return await _ingest(request, parsed, "Token")
 
 
 def _describe(runtime: Runtime, entry: Entry) -> dict[str, Any]:
@@ -113,7 +126,7 @@ async def enablement(request: web.Request) -> web.Response:
 
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Listener, cache, dispatcher and guard state (operators; service token)."""
+    """Listener, cache, dispatcher, guard and database state (operators; service token)."""
     require_service_token(request)
     runtime = request.app[RUNTIME]
     body = {
@@ -124,5 +137,6 @@ async def stats(request: web.Request) -> web.Response:
         "cache": runtime.cache.stats(),
         "dispatcher": runtime.dispatcher.stats(),
         "guards": runtime.guards.stats(),
+        "database": runtime.health.stats(),
     }
     return web.json_response(body)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from daemon.auditlog import AuditLog
     from daemon.calls import StoredEvent
     from daemon.crypto import Crypto
+    from daemon.db import DatabaseHealth
     from daemon.errors import DeliveryError
     from daemon.metrics import Metrics
     from daemon.pbx import Pbx
@@ -279,6 +280,8 @@ class AdapterDeps:
     public_url: str
     secret_key: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    # Where the adapter's own loops report the database unavailable (None: they log alone).
+    health: DatabaseHealth | None = None
 
 
 @runtime_checkable

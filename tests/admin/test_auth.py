@@ -25,10 +25,11 @@ from tests.conftest import TEST_SECRET_KEY
 from tests.support.daemon import running
 from web.app import create_app
 
-# Public on purpose (and why): health checks and metrics (nginx keeps them internal), the
-# API's description, the module's logo RetailCRM shows, the pages' script and style.
+# Public on purpose (and why): health and readiness checks and metrics (nginx keeps the
+# metrics internal), the API's description, the module's logo RetailCRM shows, the pages'
+# script and style.
 PUBLIC = {
-    ("GET", "/health"), ("GET", "/metrics"), ("GET", "/api/openapi.yaml"),
+    ("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/api/openapi.yaml"),
     ("GET", "/retailcrm/logo.svg"), ("GET", f"{PREFIX}/static"),
 }
 # Authenticated by the CRM's clientId (refused in the CRM's own error shape).
@@ -232,3 +233,30 @@ async def test_a_platform_session_opens_its_own_enterprise_only(
     browser.http.cookie_jar.update_cookies({"session_token": "made-up-token"})
     async with browser.http.get(f"{bridge.url}{PREFIX}/{A}/journal") as response:
         assert response.status == 401
+
+
+@pytest.mark.parametrize("stored", ["1.5", "1e10", "99999999999", '"1"', "-1"])
+async def test_a_malformed_stored_token_version_voids_the_session_never_a_500(
+    bridge: Bridge, browser: Browser, pool: asyncpg.Pool, stored: str
+) -> None:
+    await browser.sign_in(bridge, A)
+    await pool.execute(
+        "UPDATE enterprises SET integrations_config = jsonb_set(integrations_config, "
+        "'{retailcrm,token_version}', $2::jsonb) WHERE number = $1", A, json.loads(stored))
+    assert await pool.fetchval(
+        "SELECT integrations_config -> 'retailcrm' -> 'token_version' = $2::text::jsonb "
+        "FROM enterprises WHERE number = $1", A, stored)
+    async with browser.http.get(f"{bridge.url}{PREFIX}/{A}/connection") as response:
+        assert response.status == 401 and "Нужно войти" in await response.text()
+    # Deleting the integration (which bumps the version) still revokes locally and starts
+    # the count over; RetailCRM is not told (409: the stored configuration is invalid).
+    async with bridge_http(bridge) as http, http.delete(f"{bridge.url}/api/config/{A}",
+                                                        headers=SERVICE) as response:
+        assert response.status in (200, 409), await response.text()
+    version = await pool.fetchval("SELECT integrations_config -> 'retailcrm' -> "
+                                  "'token_version' FROM enterprises WHERE number = $1", A)
+    assert isinstance(version, int) and version >= 1
+
+
+def bridge_http(bridge: Bridge) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))

@@ -100,9 +100,11 @@ class DaemonProcess:
         return code
 
 
-async def start_process(env: Mapping[str, str], *args: str, cwd: Path = ROOT) -> DaemonProcess:
+async def start_process(env: Mapping[str, str], *args: str, cwd: Path = ROOT,
+                        wait_listening: bool = True) -> DaemonProcess:
     """``python -m daemon run`` with ``env`` (in ``cwd``); returns once it logged
-    ``listening``. Its stderr is read with its stdout (lines that are not JSON come as
+    ``listening`` (or at once, without ``wait_listening``: a process that may die before it
+    listens). Its stderr is read with its stdout (lines that are not JSON come as
     ``{"event": "raw", "text": ...}``)."""
     full_env = {**os.environ, "CRM_BRIDGE_PORT": "0", **env, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
@@ -111,6 +113,8 @@ async def start_process(env: Mapping[str, str], *args: str, cwd: Path = ROOT) ->
     )
     daemon = DaemonProcess(proc)
     daemon._reader = asyncio.create_task(daemon._read())
+    if not wait_listening:
+        return daemon
     listening = await daemon.wait_for("listening")
     daemon.url = listening["url"]
     return daemon

@@ -7,6 +7,11 @@ answer like a real adapter: 2xx delivered, 429/503 rate limited (Retry-After hon
 every event with the platform parser first, so a malformed stored body fails as it would
 in production.
 
+Like a real adapter it loads the call's stored events in every attempt (``ctx.load_call``).
+An enterprise configured with ``"crash": true`` makes it kill the whole process
+(``os._exit``) on any event whose body holds ``"_fakecrm_crash": true``: a row that takes
+down whatever process attempts it (only ever used with real daemon processes).
+
 ``FakeUpstream`` is a real aiohttp server on 127.0.0.1 recording every request (arrival
 time, API key, event) with faults per API key: a queue of status codes, latency per call,
 a stall, or an outage.
@@ -15,6 +20,7 @@ a stall, or an outage.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -38,6 +44,8 @@ from tests.support.stand_in import StandInCrm
 
 NAME = "fakecrm"
 FAKE = "tests.support.fakecrm"  # the module path to run it: --integration tests.support.fakecrm
+CRASH_KEY = "_fakecrm_crash"
+CRASH_EXIT_CODE = 70
 
 
 def fake_config(settings: Any, url: str, key: str, **extra: Any) -> dict[str, Any]:
@@ -54,6 +62,7 @@ class FakeConfig:
     url: str
     api_key: str = field(repr=False)
     callback_secret: str | None = None
+    crash: bool = False
 
     def secrets(self) -> tuple[str, ...]:
         return (self.api_key,)
@@ -87,12 +96,15 @@ class FakeCrmAdapter(StandInCrm):
         if not isinstance(token, str):
             raise ConfigError("api_key", "is required")
         return FakeConfig(bool(raw.get("enabled")), url.rstrip("/"),
-                          self._deps.crypto.decrypt(token))
+                          self._deps.crypto.decrypt(token), crash=raw.get("crash") is True)
 
     async def deliver(self, ctx: DeliveryContext) -> Outcome:
         parse_event(ctx.event)  # MalformedEvent (Permanent) for a bad stored body
         config = ctx.config
         assert isinstance(config, FakeConfig)
+        await ctx.load_call()
+        if config.crash and ctx.event.payload.get(CRASH_KEY) is True:
+            os._exit(CRASH_EXIT_CODE)
         body = {"event_id": ctx.event.id, "unique_id": ctx.event.unique_id,
                 "event_type": ctx.event.event_type, "attempt": ctx.attempt,
                 "enterprise": ctx.enterprise}

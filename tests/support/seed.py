@@ -61,6 +61,20 @@ async def insert_event(
     return status
 
 
+async def insert_raw_event(
+    url: str, event_type: str, body: str, *, record_url: str | None = None
+) -> str:
+    """Insert a body given as JSON text, on a plain connection (no JSON codec), as a call
+    service written in any language would: what PostgreSQL accepts is stored as it is."""
+    conn = await asyncpg.connect(url)
+    try:
+        status: str = await conn.execute(CALL_SERVICE_INSERT, event_type, body, record_url,
+                                         None)
+    finally:
+        await conn.close()
+    return status
+
+
 @asynccontextmanager
 async def notifications(url: str, *channels: str) -> AsyncIterator[asyncio.Queue[tuple[str, str]]]:
     """A separate connection LISTENing on ``channels``; yields a queue of (channel, payload)."""

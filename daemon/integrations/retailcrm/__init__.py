@@ -33,7 +33,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import store
+from daemon import db, store
 from daemon.calls import MAX_RECORD_URL_CHARS, StoredEvent, parse_call, parse_event
 from daemon.errors import ConfigError, DeliveryError, Permanent
 from daemon.integrations.base import (
@@ -93,6 +93,7 @@ class RetailCrmAdapter:
         self.identity = ModuleIdentity.from_deps(deps)
         self.registrar = Registrar(deps, self.identity)
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
+        self._rng = random.Random()  # the reconciler's jitter, not the module's shared state
 
     # ------------------------------------------------------------------ protocol
 
@@ -375,14 +376,15 @@ class RetailCrmAdapter:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(),
-                                       RECONCILE_INTERVAL_S * random.uniform(0.8, 1.2))
+                                       RECONCILE_INTERVAL_S * self._rng.uniform(0.8, 1.2))
             if stopping.is_set():
                 return
             try:
                 await self.reconcile()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    TimeoutError) as exc:
-                log.warning("extensions_reconcile_failed", error=type(exc).__name__)
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+                health = self.deps.health
+                if health is None or not health.failed(exc, "extensions-sync"):
+                    log.warning("extensions_reconcile_failed", error=type(exc).__name__)
 
 
 def _config(ctx: DeliveryContext) -> cfg.RetailCrmConfig:

@@ -39,7 +39,7 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from daemon import links, store
+from daemon import db, links, store
 from daemon.errors import AuthFailed, ConfigError, DeliveryError, Retryable
 from daemon.integrations.base import AdapterDeps, Exchange, RegistrationResult
 from daemon.integrations.retailcrm import config as cfg
@@ -256,14 +256,15 @@ class Registrar:
     # ------------------------------------------------------------------ pieces
 
     async def _load(self, enterprise: str) -> _Loaded:
-        row = await store.load_enterprise(self._deps.pool, cfg.KEY, enterprise)
-        if row is None:
-            return _Loaded(None, False, _unknown(enterprise))
-        raw = (row["integrations_config"] or {}).get(cfg.KEY)
-        deactivated = HOLD_DEACTIVATED in (row["holds"] or {})
-        if not isinstance(raw, Mapping):
-            return _Loaded(None, deactivated, _not_configured(enterprise))
+        deactivated = False
         try:
+            row = await store.load_enterprise(self._deps.pool, cfg.KEY, enterprise)
+            if row is None:
+                return _Loaded(None, False, _unknown(enterprise))
+            raw = row["config"]
+            deactivated = HOLD_DEACTIVATED in (row["holds"] or {})
+            if not isinstance(raw, Mapping):
+                return _Loaded(None, deactivated, _not_configured(enterprise))
             return _Loaded(cfg.parse(raw, self._deps.crypto, allow_private=self._allow_private),
                            deactivated)
         except ConfigError as exc:
@@ -322,7 +323,7 @@ class Registrar:
             try:
                 await store.insert_log(self._deps.pool, enterprise, cfg.KEY, LOG_EVENT,
                                        request, response, result.ok, error)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
                 log.warning("module_log_not_written", enterprise=enterprise,
                             error=type(exc).__name__)
 
