@@ -144,7 +144,8 @@ class SmartRedirect:
     # ------------------------------------------------------------------ answering
 
     def resolve(self, enterprise: str | None, token: str | None) -> Entry | None:
-        """The cache entry of the enterprise named by number or by ``Token``; None: unknown."""
+        """The cache entry of the enterprise named by number or by ``Token``; None: unknown;
+        ``AmbiguousToken`` when the Token names several active enterprises."""
         if token:
             enterprise = self._cache.matrix.by_token(token)
         return self._cache.get(enterprise) if enterprise else None

@@ -18,7 +18,7 @@ from typing import Final
 
 from aiohttp import web
 
-from daemon.cache import Entry
+from daemon.cache import AmbiguousToken, Entry
 from daemon.redirect import Answer, RedirectRefused
 from daemon.runtime import RUNTIME
 from web import bodies
@@ -70,7 +70,11 @@ def _entry(request: web.Request, params: dict[str, str]) -> Entry:
     number = _text(params, "enterprise", 100)
     if token is None and number is None:
         raise field_error("enterprise", "is required (or Token)")
-    entry = request.app[RUNTIME].redirect.resolve(number, token)
+    try:
+        entry = request.app[RUNTIME].redirect.resolve(number, token)
+    except AmbiguousToken as exc:
+        raise HttpError(409, "ambiguous_token", f"Token: {exc}",
+                        {"field": "Token", "enterprises": list(exc.enterprises)}) from None
     if entry is None:
         raise HttpError(404, "unknown_enterprise", "no such enterprise",
                         {"field": "Token" if token is not None else "enterprise"})

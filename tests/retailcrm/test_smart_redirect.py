@@ -285,3 +285,17 @@ async def test_an_enterprise_may_ring_managers_who_are_away(
     async with http.put(url, json={"skip_away_managers": "no"}, headers=AUTH) as response:
         assert response.status == 400
         assert (await response.json())["details"] == {"field": "skip_away_managers"}
+
+
+async def test_an_ambiguous_token_is_refused_naming_its_enterprises(
+    daemon: InProcess, http: aiohttp.ClientSession, pool: asyncpg.Pool
+) -> None:
+    await pool.execute("UPDATE enterprises SET name2 = 'shared-token' WHERE number IN ($1, $2)",
+                       ENTERPRISE, OTHER)
+    await daemon.rt.cache.refresh_all("test")
+    body = await ask(http, daemon, expect=409, Token="shared-token", phone=CALLER)
+    assert body["error"] == "ambiguous_token"
+    assert body["details"] == {"field": "Token", "enterprises": [ENTERPRISE, OTHER]}
+    body = await ask(http, daemon, "/api/customer-name", expect=409, Token="shared-token",
+                     phone=CALLER)
+    assert body["error"] == "ambiguous_token"
