@@ -55,6 +55,7 @@ docs: venv
 	$(BIN)/python -m daemon.reference
 
 bench: venv
+	@$(DEVENV) bench
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:

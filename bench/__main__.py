@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from bench import cache, journal, pipeline, telephony
+from bench import anchors, cache, ingest, journal, latency, memory, pipeline, telephony
 from bench.daemons import settings_line
 from bench.harness import OUT_DIR, Harness, configure_logging
 from bench.results import (
@@ -49,6 +49,13 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "pipeline.d": (pipeline.latency, "insert → CRM latency at 500/s and 20/s"),
     "pipeline.e": (pipeline.two_instances, "two daemon processes drain 20,000 together"),
     "pipeline.f": (pipeline.drain_retailcrm, "RetailCRM adapter → simulator drain"),
+    "anchor.noop": (anchors.noop, "no-op drain: crm-bridge vs a pgqueuer worker, rounds"),
+    "anchor.retailcrm": (anchors.retailcrm,
+                         "RetailCRM drain to nginx: crm-bridge vs a pgqueuer HTTP worker"),
+    "anchor.latency": (latency.latency,
+                       "insert → first byte at the upstream via RetailCRM, 500/s and 20/s"),
+    "anchor.ingest": (ingest.ingest, "POST /api/events vs a bare aiohttp + asyncpg handler"),
+    "anchor.rss": (memory.rss, "RSS with 10,000 enterprises cached, 100,000 events queued"),
     "cache.a": (cache.propagation, "config change → both instances' caches"),
     "cache.b": (cache.refresh_and_rss, "refresh_all of 10,000 enterprises; RSS"),
     "journal.a": (journal.first_page, "admin journal of 100,000 deliveries: first page"),
@@ -119,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.list:
         for name, (_fn, about) in BENCHMARKS.items():
-            print(f"{name:12} {about}")
+            print(f"{name:18} {about}")
         return 0
     try:
         names = select(args.only)
@@ -138,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pg.create_template(server_url)
         try:
             facts = asyncio.run(machine(server_url))
-            harness = Harness(server_url, quick=args.quick, log_level=args.log_level)
+            harness = Harness(server_url, quick=args.quick, log_level=args.log_level,
+                              profile=args.profile)
             for name in names:
                 began = time.monotonic()
                 print(f"bench: {name} …", file=sys.stderr, flush=True)

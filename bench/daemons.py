@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import time
@@ -43,6 +42,16 @@ def settings_line() -> str:
             f"enterprise_concurrency={THROUGHPUT['enterprise_concurrency']} "
             f"db_pool_max={THROUGHPUT['db_pool_max']} rate_limits={limits}, other settings "
             "default (poll_interval_s=1, notify on); pipeline.d uses the defaults throughout")
+
+
+def throughput_environ() -> dict[str, str]:
+    """``THROUGHPUT`` as the environment of a ``python -m daemon run`` process."""
+    return {
+        "CRM_BRIDGE_CONCURRENCY": str(THROUGHPUT["concurrency"]),
+        "CRM_BRIDGE_ENTERPRISE_CONCURRENCY": str(THROUGHPUT["enterprise_concurrency"]),
+        "CRM_BRIDGE_DB_POOL_MAX": str(THROUGHPUT["db_pool_max"]),
+        "CRM_BRIDGE_RATE_LIMITS": ",".join(f"{k}={v:g}" for k, v in THROUGHPUT["rate_limits"]),
+    }
 
 
 REPORTED = ("concurrency", "enterprise_concurrency", "db_pool_max", "rate_limits",
@@ -83,23 +92,25 @@ async def process(env: Mapping[str, str], log: Path) -> AsyncIterator[asyncio.su
                 await proc.wait()
 
 
-async def delivered_count(log: Path) -> int:
-    """``crm_bridge_deliveries_total{outcome="done"}`` of the daemon that logs to ``log``
-    (its URL is in its ``listening`` line), from its ``/metrics``."""
+def listening_url(log: Path) -> str:
+    """The URL of the daemon that logs to ``log`` (from its ``listening`` line)."""
     for line in log.read_bytes().splitlines():
         if b'"listening"' in line:
-            url = json.loads(line)["url"]
-            break
-    else:
-        raise RuntimeError(f"no listening line in {log}")
+            return str(json.loads(line)["url"])
+    raise RuntimeError(f"no listening line in {log}")
+
+
+async def metric(log: Path, sample: str) -> float | None:
+    """The value of one ``/metrics`` sample (its name with labels, exactly as exposed) of
+    the daemon that logs to ``log``; None when it is not exposed."""
+    url = listening_url(log)
     async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as resp:
         text = await resp.text()
-    match = re.search(r'^crm_bridge_deliveries_total\{outcome="done"\} (\S+)$', text, re.M)
-    return int(float(match.group(1))) if match else 0
+    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (from /proc)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+async def delivered_count(log: Path) -> int:
+    """``crm_bridge_deliveries_total{outcome="done"}`` of the daemon that logs to ``log``."""
+    done = await metric(log, 'crm_bridge_deliveries_total{outcome="done"}')
+    return int(done or 0)

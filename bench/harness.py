@@ -43,6 +43,7 @@ class Harness:
     server_url: str
     quick: bool = False
     log_level: str = "info"
+    profile: bool = False
     secret_key: str = field(default_factory=lambda: secrets.token_hex(32))
     fernet_key: str = field(default_factory=_fernet_key)
     service_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))

@@ -23,17 +23,26 @@ import json
 import logging
 import random
 import signal
+import statistics
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import asyncpg
 
 from bench import upstream, workload, writers
-from bench.daemons import REPORTED, THROUGHPUT, cpu_seconds, daemon, delivered_count, process
+from bench.daemons import (
+    REPORTED,
+    THROUGHPUT,
+    daemon,
+    delivered_count,
+    process,
+    throughput_environ,
+)
 from bench.harness import OUT_DIR, Harness, describe_settings
+from bench.procfs import cpu_seconds
 from bench.results import Row
-from bench.workload import CALL_SERVICE_INSERT, Enterprise
+from bench.rounds import Series, ratio
+from bench.workload import CALL_SERVICE_INSERT
 from daemon.settings import Settings
 from tests.support.fakecrm import running_upstream
 
@@ -49,13 +58,17 @@ WARMUP_S = 1.0  # pipeline.d: paced events before the measured ones
 # ---------------------------------------------------------------------- (a) insert rate
 
 async def insert_rate(h: Harness) -> list[Row]:
-    """pipeline.a: see the module docstring."""
+    """pipeline.a: see the module docstring. Rounds alternate plain and fanned-out
+    inserts, asyncpg writers then pgbench, three rounds (one with --quick)."""
     firms = workload.enterprises(DRAIN_ENTERPRISES)
-    warmup_s, duration_s, rounds = (0.5, 2.0, 1) if h.quick else (1.0, 3.0, 2)
+    warmup_s, duration_s, count = (0.5, 2.0, 1) if h.quick else (1.0, 3.0, 3)
     rng = random.Random(1)
     templates = [json.dumps(workload.dial_body(firms[n % len(firms)].token, "__UID__", rng)[0])
                  for n in range(500)]
     c_template = json.dumps(workload.dial_body("__TOKEN__", "__UID__", rng)[0])
+    got: dict[str, list[float]] = {"plain": [], "fanned": [], "c_plain": [], "c_fanned": []}
+    cpu: dict[str, list[float]] = {"plain": [], "fanned": []}
+    ring_rates = []
     async with h.database() as url:
         conn = await asyncpg.connect(url)
         rings = 0
@@ -69,75 +82,52 @@ async def insert_rate(h: Harness) -> list[Row]:
             await workload.seed(conn, firms, lambda f: workload.noop_config())
             await conn.execute(writers.PLAIN_TABLE)
             await conn.add_listener("crm_events", on_ring)  # a daemon would be listening
-            plain, fanned, cpu_plain, cpu_fanned, ring_rates = [], [], [], [], []
-            for r in range(rounds):
-                rate, cpu = await writers.run_writers(
-                    url, writers.PLAIN_INSERT, templates, f"p{r}-", warmup_s, duration_s)
-                plain.append(rate)
-                cpu_plain.append(cpu)
-                rings = 0
-                rate, cpu = await writers.run_writers(
-                    url, CALL_SERVICE_INSERT, templates, f"t{r}-", warmup_s, duration_s)
-                fanned.append(rate)
-                cpu_fanned.append(cpu)
+            for r in range(count):
+                for key, statement in (("plain", writers.PLAIN_INSERT),
+                                       ("fanned", CALL_SERVICE_INSERT)):
+                    rings = 0
+                    rate, share = await writers.run_writers(
+                        url, statement, templates, f"{key}{r}-", warmup_s, duration_s)
+                    got[key].append(rate)
+                    cpu[key].append(share)
                 ring_rates.append(rings / (warmup_s + duration_s))
-            bench_c: dict[str, float] = {}
-            for table, key in (("bench_plain_events", "plain"), ("crm_events", "crm_events")):
-                rate_c = await writers.pgbench(url, table, c_template, duration_s)
-                if rate_c is not None:
-                    bench_c[key] = round(rate_c)
+                for key, table in (("c_plain", "bench_plain_events"),
+                                   ("c_fanned", "crm_events")):
+                    rate_c = await writers.pgbench(url, table, c_template, duration_s)
+                    if rate_c is not None:
+                        got[key].append(rate_c)
             deliveries = await conn.fetchval("SELECT count(*) FROM crm_deliveries")
             events = await conn.fetchval("SELECT count(*) FROM crm_events")
         finally:
             await conn.close()
-    best_plain, best_fanned = max(plain), max(fanned)
-    ratio = best_fanned / best_plain
     details = {
-        "writers": writers.WRITERS, "seconds_per_round": duration_s, "rounds": rounds,
-        "plain_rows_per_s": [round(x) for x in plain],
-        "fanned_rows_per_s": [round(x) for x in fanned],
-        "bench_process_cpu_share": {"plain": [round(x, 2) for x in cpu_plain],
-                                    "fanned": [round(x, 2) for x in cpu_fanned]},
+        "writers": writers.WRITERS, "seconds_per_round": duration_s, "rounds": count,
+        "rows_per_s": {k: [round(x) for x in v] for k, v in got.items()},
+        "bench_process_cpu_share": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
         "doorbell_rings_per_s": [round(x, 1) for x in ring_rates],
-        "events": events, "deliveries": deliveries, "pgbench": bench_c,
+        "events": events, "deliveries": deliveries,
     }
+    plain, fanned = Series(tuple(got["plain"])), Series(tuple(got["fanned"]))
     rows = [
         Row("pipeline.a plain INSERT, 8 asyncpg writers (baseline)",
-            f"{best_plain:,.0f} rows/s", value=best_plain, details=details),
+            plain.text(unit=" rows/s"), value=plain.median, details=details),
         Row("pipeline.a crm_events INSERT, 8 asyncpg writers",
-            f"{best_fanned:,.0f} rows/s", value=best_fanned),
-        Row("pipeline.a ratio triggers/plain, asyncpg writers", f"{ratio:.2f}",
-            "≥ 0.55").check(ratio, at_least=0.55),
+            fanned.text(unit=" rows/s"), value=fanned.median),
     ]
-    if bench_c:
-        c_ratio = bench_c["crm_events"] / bench_c["plain"]
-        rows.append(Row(
-            "pipeline.a ratio triggers/plain, pgbench (C client)",
-            f"{c_ratio:.2f} ({bench_c['crm_events']:,.0f} / {bench_c['plain']:,.0f} rows/s)",
-            "≥ 0.55").check(c_ratio, at_least=0.55))
+    for key, label in (("", "asyncpg writers"), ("c_", "pgbench (C client)")):
+        ratio_ = ratio(got[f"{key}fanned"], got[f"{key}plain"])
+        if ratio_ is None:
+            continue
+        figure = ratio_.text()
+        if key:
+            figure += (f", {statistics.median(got['c_fanned']):,.0f} / "
+                       f"{statistics.median(got['c_plain']):,.0f} rows/s")
+        rows.append(Row(f"pipeline.a ratio triggers/plain, {label}", figure, "≥ ×0.55")
+                    .check(ratio_.value, at_least=0.55))
     return rows
 
 
 # ---------------------------------------------------------------------- drains
-
-
-async def _backlog(url: str, firms: list[Enterprise], integration: str,
-                   config: Callable[[Enterprise], Mapping[str, Any]], events: int, *,
-                   extensions: bool = False) -> int:
-    """Seed ``firms``, insert ``events`` events (dial + hangup per call) with no daemon
-    running, and freeze the backlog; the number of deliveries queued."""
-    conn = await asyncpg.connect(url)
-    try:
-        await workload.register(conn, integration)
-        await workload.seed(conn, firms, config, extensions=extensions)
-    finally:
-        await conn.close()
-    await workload.insert(url, workload.calls(firms, events // 2))
-    conn = await asyncpg.connect(url)
-    try:
-        return await workload.freeze(conn)
-    finally:
-        await conn.close()
 
 
 async def _drain(url: str, total: int) -> tuple[workload.Drain, float]:
@@ -199,7 +189,7 @@ async def _drain_noop_once(h: Harness, total: int, instance: str
                                       dict[str, int], Settings]:
     firms = workload.enterprises(DRAIN_ENTERPRISES)
     async with h.database() as url:
-        queued = await _backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
+        queued = await workload.backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
         settings = h.settings(url, integration=NOOP, instance_id=instance, **THROUGHPUT)
         async with daemon(settings):
             drain, cpu = await _drain(url, queued)
@@ -238,7 +228,7 @@ async def drain_http(h: Harness) -> list[Row]:
     firms = workload.enterprises(DRAIN_ENTERPRISES)
     crypto = h.crypto
     async with h.database() as url, upstream.running("fakecrm") as up:
-        queued = await _backlog(
+        queued = await workload.backlog(
             url, firms, "fakecrm",
             lambda f: workload.fakecrm_config(crypto, up.url, f"key-{f.number}"), total)
         settings = h.settings(url, integration=FAKE, instance_id="bench-c", **THROUGHPUT)
@@ -268,8 +258,8 @@ async def _drain_to_crm(url: str, queued: int, settings: Settings,
 # ---------------------------------------------------------------------- (d) latency
 
 
-async def _paced(url: str, events: list[tuple[str, str]], rate: float,
-                 sent: dict[str, float], insert_s: dict[str, float]) -> None:
+async def paced(url: str, events: list[tuple[str, str]], rate: float,
+                sent: dict[str, float], insert_s: dict[str, float]) -> None:
     """Insert ``events`` at ``rate``/s on a fixed schedule (8 connections), recording when
     each was sent (by ``unique_id/event_type``) and how long each insert took."""
     pool = await asyncpg.create_pool(url, min_size=writers.WRITERS,
@@ -318,7 +308,7 @@ async def _latency_at(h: Harness, rate: float, count: int) -> dict[str, Any]:
             env = h.environ(url, CRM_BRIDGE_INTEGRATION=FAKE, CRM_BRIDGE_PORT="0",
                             CRM_BRIDGE_INSTANCE_ID=f"bench-d{rate:g}")
             async with process(env, OUT_DIR / f"daemon-d{rate:g}.log"):
-                await _paced(url, events, rate, sent, insert_s)
+                await paced(url, events, rate, sent, insert_s)
                 deadline = time.monotonic() + 30
                 # Every delivery settled means every request has arrived.
                 while (await conn.fetchval(workload.PENDING) or len(sent) < len(events)):
@@ -336,7 +326,9 @@ async def _latency_at(h: Harness, rate: float, count: int) -> dict[str, Any]:
             "settings": describe_settings(h.settings(url), REPORTED)}
 
 
-def _latency_rows(name: str, got: dict[str, Any]) -> list[Row]:
+def latency_rows(name: str, got: dict[str, Any]) -> list[Row]:
+    """p50 and p99 rows (targets 5 and 25 ms) of one rate's latencies (``got`` holds
+    ``latencies_s`` and ``insert_s``, moved into the details as percentiles)."""
     lat = got.pop("latencies_s")
     ins = got.pop("insert_s")
     p50 = workload.percentile(lat, 0.5) * 1000
@@ -347,8 +339,8 @@ def _latency_rows(name: str, got: dict[str, Any]) -> list[Row]:
                 "insert_p50_ms": round(workload.percentile(ins, 0.5) * 1000, 2),
                 "insert_p99_ms": round(workload.percentile(ins, 0.99) * 1000, 2)})
     lost = got["events"] - got["received"]
-    p50_row = Row(f"{name} p50", f"{p50:.1f} ms", "≤ 5 ms", details=got).check(p50, at_most=5)
-    p99_row = Row(f"{name} p99", f"{p99:.1f} ms", "≤ 25 ms").check(p99, at_most=25)
+    p50_row = Row(f"{name} p50", f"{p50:,.1f} ms", "≤ 5 ms", details=got).check(p50, at_most=5)
+    p99_row = Row(f"{name} p99", f"{p99:,.1f} ms", "≤ 25 ms").check(p99, at_most=25)
     if lost:
         p99_row.verdict = "MISS"
         p99_row.figure += f" ({lost} never arrived)"
@@ -361,7 +353,7 @@ async def latency(h: Harness) -> list[Row]:
     fast, slow = (1_000, 100) if h.quick else (2_000, 200)
     for rate, count in ((500.0, fast), (20.0, slow)):
         got = await _latency_at(h, rate, count)
-        rows += _latency_rows(f"pipeline.d insert→CRM @{rate:g}/s", got)
+        rows += latency_rows(f"pipeline.d insert→CRM @{rate:g}/s", got)
     return rows
 
 
@@ -375,14 +367,10 @@ async def two_instances(h: Harness) -> list[Row]:
     OUT_DIR.mkdir(exist_ok=True)
     logs_paths = [OUT_DIR / f"daemon-e{k}.log" for k in (1, 2)]
     async with h.database() as url:
-        queued = await _backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
+        queued = await workload.backlog(url, firms, "noop", lambda f: workload.noop_config(), total)
         settings = h.settings(url, integration=NOOP, **THROUGHPUT)
         env = h.environ(url, CRM_BRIDGE_INTEGRATION=NOOP, CRM_BRIDGE_PORT="0",
-                        CRM_BRIDGE_CONCURRENCY=str(settings.concurrency),
-                        CRM_BRIDGE_ENTERPRISE_CONCURRENCY=str(settings.enterprise_concurrency),
-                        CRM_BRIDGE_DB_POOL_MAX=str(settings.db_pool_max),
-                        CRM_BRIDGE_RATE_LIMITS=",".join(f"{k}={v:g}"
-                                                        for k, v in settings.rate_limits))
+                        **throughput_environ())
         async with contextlib.AsyncExitStack() as stack:
             codes = []
             procs = [await stack.enter_async_context(
@@ -437,7 +425,7 @@ async def drain_retailcrm(h: Harness) -> list[Row]:
     crypto = h.crypto
     async with h.database() as url, upstream.running("retailcrm",
                                                      api_keys=list(keys.values())) as sim:
-        queued = await _backlog(
+        queued = await workload.backlog(
             url, firms, "retailcrm",
             lambda f: workload.retailcrm_config(crypto, sim.url, keys[f.number],
                                                 f"client-{f.number}-abcdef0123456789"),

@@ -38,8 +38,9 @@ import aiohttp
 import asyncpg
 
 from bench import upstream, workload
-from bench.daemons import cpu_seconds, process
+from bench.daemons import process
 from bench.harness import OUT_DIR, Harness
+from bench.procfs import cpu_seconds
 from bench.results import Row
 
 CLIENTS = 100

@@ -1,7 +1,7 @@
 """What the benchmarks feed the pipeline: enterprises, real call bodies, a queued backlog.
 
-Call bodies have the shape the platform's Asterisk listener really sends (docs/events.md,
-EVENTS.md): incoming and outgoing calls, answered and missed, several ringing extensions.
+Call bodies have the shape the platform's Asterisk listener really sends (docs/events.md):
+incoming and outgoing calls, answered and missed, several ringing extensions.
 They are inserted exactly as a call service does — ``CALL_SERVICE_INSERT``, one row per
 statement, autocommit — so the fan-out triggers resolve the enterprise by ``Token``, create
 the deliveries and ring the doorbell.
@@ -220,6 +220,25 @@ async def release(conn: asyncpg.Connection) -> float:
     return time.monotonic()
 
 
+async def backlog(url: str, firms: Sequence[Enterprise], integration: str,
+                  config: Callable[[Enterprise], Mapping[str, Any]], events: int, *,
+                  extensions: bool = False) -> int:
+    """Seed ``firms`` for ``integration``, insert ``events`` events (a dial and a hangup
+    per call, ``calls``) with no daemon running, and freeze them; deliveries queued."""
+    conn = await asyncpg.connect(url)
+    try:
+        await register(conn, integration)
+        await seed(conn, firms, config, extensions=extensions)
+    finally:
+        await conn.close()
+    await insert(url, calls(firms, events // 2))
+    conn = await asyncpg.connect(url)
+    try:
+        return await freeze(conn)
+    finally:
+        await conn.close()
+
+
 LOGGED = "SELECT coalesce(max(id), 0) FROM integration_logs"
 CONFIRM_EVERY = 25  # polls between full checks when the log rows alone cannot tell
 
@@ -234,7 +253,7 @@ class Drain:
 
 
 async def drained(conn: asyncpg.Connection, started: float, expected_logs: int, *,
-                  timeout_s: float) -> Drain:
+                  timeout_s: float, logged: str = LOGGED, pending: str = PENDING) -> Drain:
     """Seconds from ``started`` until no delivery is pending, polled every 10 ms (the
     figure errs long by at most that).
 
@@ -242,24 +261,26 @@ async def drained(conn: asyncpg.Connection, started: float, expected_logs: int, 
     what is measured — so each poll only reads the newest ``integration_logs`` id (one
     index probe); the count confirms once that reaches ``expected_logs`` (the log rows the
     drain writes into a fresh database), and every ``CONFIRM_EVERY`` polls regardless
-    (a skip writes no log row). ``TimeoutError`` past ``timeout_s``.
+    (a skip writes no log row). ``TimeoutError`` past ``timeout_s``. Another queue is
+    watched the same way with its own ``logged`` (the newest log id) and ``pending``
+    (how much is left) statements.
     """
     polls = 0
     at_99: float | None = None
     while True:
         polls += 1
-        newest = await conn.fetchval(LOGGED)
+        newest = await conn.fetchval(logged)
         if at_99 is None and newest >= 0.99 * expected_logs:
             at_99 = time.monotonic() - started
         if newest >= expected_logs or polls % CONFIRM_EVERY == 0:
-            pending = await conn.fetchval(PENDING)
+            left = await conn.fetchval(pending)
             now = time.monotonic()
-            if pending == 0:
+            if left == 0:
                 return Drain(now - started, at_99)
         now = time.monotonic()
         if now - started > timeout_s:
-            pending = await conn.fetchval(PENDING)
-            raise TimeoutError(f"{pending} deliveries still pending after {timeout_s:g} s")
+            left = await conn.fetchval(pending)
+            raise TimeoutError(f"{left} still pending after {timeout_s:g} s")
         await asyncio.sleep(DRAIN_POLL_S)
 
 

@@ -6,6 +6,8 @@
 #                              prometheus package), nginx and chromium (optional: those
 #                              tests skip, saying why, without them)
 #   deploy/devenv.sh venv      create .venv and install crm-bridge with its test/dev extras
+#   deploy/devenv.sh bench     what `make bench` adds: nginx and wrk (apt-get) when missing,
+#                              and the bench extra (pgqueuer, py-spy) in .venv
 #   deploy/devenv.sh database  print a database URL: $CRM_BRIDGE_DATABASE_URL when set, else
 #                              a throwaway cluster under .pgdata (started if needed)
 set -euo pipefail
@@ -78,6 +80,26 @@ venv() {
         "$VENV/bin/python" -m pip install -q -e '.[test,dev]'
         touch "$stamp"
         echo "devenv: $VENV is ready" >&2
+    fi
+}
+
+bench() {
+    local missing=()
+    have nginx || missing+=(nginx)
+    have wrk || missing+=(wrk)
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "devenv: installing ${missing[*]} for the benchmarks (apt-get)" >&2
+        apt_install --no-install-recommends "${missing[@]}"
+        # Only the program is wanted: the bench runs its own nginx, so stop the service.
+        if [ -d /run/systemd/system ]; then
+            as_root systemctl disable --now nginx.service >/dev/null 2>&1 || true
+        fi
+    fi
+    local stamp="$VENV/.installed-bench"
+    if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+        echo "devenv: installing the bench extra (pgqueuer, py-spy) into $VENV" >&2
+        "$VENV/bin/python" -m pip install -q -e '.[bench]'
+        touch "$stamp"
     fi
 }
 
