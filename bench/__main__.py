@@ -25,7 +25,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from bench import anchors, cache, ingest, journal, latency, memory, pipeline
+from bench import anchors, cache, ingest, journal, latency, memory, pipeline, telephony
 from bench.daemons import settings_line
 from bench.harness import OUT_DIR, Harness, configure_logging
 from bench.results import (
@@ -60,6 +60,10 @@ BENCHMARKS: dict[str, tuple[Benchmark, str]] = {
     "cache.b": (cache.refresh_and_rss, "refresh_all of 10,000 enterprises; RSS"),
     "journal.a": (journal.first_page, "admin journal of 100,000 deliveries: first page"),
     "journal.b": (journal.live_view, "call event → open journal page (SSE)"),
+    "telephony.a": (telephony.make_call, "click-to-call from 100 clients via the PBX simulator"),
+    "telephony.b": (telephony.smart_redirect_warm, "smart redirect on a warm cache, 300/s"),
+    "telephony.c": (telephony.smart_redirect_stalled,
+                    "smart redirect with RetailCRM stalled: the deadline holds"),
 }
 
 

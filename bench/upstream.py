@@ -11,6 +11,8 @@ closes its stdin, upon which the child prints a JSON summary of what it received
 * ``retailcrm``: ``daemon.integrations.retailcrm.simulator.Simulator`` with the given API
   keys (one per enterprise) and its rate limit off; the summary counts requests by path and
   status, call events and uploaded calls.
+* ``pbx``: ``daemon.pbx_simulator.PbxSimulator`` taking any clientId, answering at once;
+  the summary counts requests by path and status, and any that would have been dangerous.
 """
 
 from __future__ import annotations
@@ -113,14 +115,27 @@ async def _serve_retailcrm(keys: list[str]) -> dict[str, Any]:
                 "uploaded_calls": len(sim.state.uploaded_calls)}
 
 
+async def _serve_pbx() -> dict[str, Any]:
+    from daemon.pbx_simulator import running_pbx
+
+    async with running_pbx() as sim:
+        print(json.dumps({"url": sim.url}), flush=True)
+        await _until_stdin_closes()
+        requests = Counter(f"{r.path} {r.status}" for r in sim.requests)
+        return {"requests": len(sim.requests), "by_path": dict(requests),
+                "dangerous": sum(1 for r in sim.requests if r.dangerous)}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m bench.upstream fakecrm | retailcrm --keys-file FILE``."""
+    """``python -m bench.upstream fakecrm | pbx | retailcrm --keys-file FILE``."""
     parser = argparse.ArgumentParser(prog="python -m bench.upstream")
-    parser.add_argument("kind", choices=["fakecrm", "retailcrm"])
+    parser.add_argument("kind", choices=["fakecrm", "retailcrm", "pbx"])
     parser.add_argument("--keys-file")
     args = parser.parse_args(argv)
     if args.kind == "fakecrm":
         summary = asyncio.run(_serve_fakecrm())
+    elif args.kind == "pbx":
+        summary = asyncio.run(_serve_pbx())
     else:
         with open(args.keys_file, encoding="utf-8") as fh:
             keys = [k for k in fh.read().splitlines() if k]

@@ -54,6 +54,12 @@ def hide(secrets: Iterable[str]) -> None:
     _HIDDEN.set(tuple(sorted({s for s in secrets if s}, key=len, reverse=True)))
 
 
+def also_hide(secrets: Iterable[str]) -> None:
+    """Like :func:`hide`, keeping what this context hides already: a second credential met
+    on the way (the enterprise's PBX secret, read while a callback is being answered)."""
+    hide((*_HIDDEN.get(), *secrets))
+
+
 def is_secret_key(key: object) -> bool:
     """True when a mapping key names a secret (``api_key``, ``X-API-KEY``, ``clientId``...)."""
     return isinstance(key, str) and _names_secret(key)

@@ -14,6 +14,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TELEPHONY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0,
+                      5.0)
 _ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0)
 
 
@@ -219,6 +221,33 @@ class Metrics:
         self.events_ingested = Counter(
             "crm_bridge_events_ingested_total", "Events received over HTTP, by result.",
             ["result"], registry=r,
+        )
+        # --- telephony: click-to-call, statuses, smart redirect, the PBX
+        self.telephony_requests = Counter(
+            "crm_bridge_telephony_requests_total",
+            "Click-to-call, status, smart-redirect and customer-name requests, by route and "
+            "outcome.", ["route", "outcome"], registry=r,
+        )
+        self.telephony_seconds = Histogram(
+            "crm_bridge_telephony_request_seconds",
+            "Time to answer those requests, by route.", ["route"],
+            buckets=_TELEPHONY_BUCKETS, registry=r,
+        )
+        self.routing_lookups = Counter(
+            "crm_bridge_routing_lookups_total",
+            "Responsible-manager look-ups: answered from the cache (hit), started (miss), "
+            "joined while running (joined), finished after their caller's deadline (late).",
+            ["result"], registry=r,
+        )
+        self.pbx_requests = Counter(
+            "crm_bridge_pbx_requests_total",
+            "Requests to the platform's Asterisk service, by action and outcome "
+            "(refused = never sent: a value failed validation).", ["action", "outcome"],
+            registry=r,
+        )
+        self.pbx_seconds = Histogram(
+            "crm_bridge_pbx_request_seconds", "Round trips to the Asterisk service.",
+            ["action"], buckets=_TELEPHONY_BUCKETS, registry=r,
         )
         # --- the process
         self.loop_lag = Gauge(

@@ -1,10 +1,12 @@
 """The Runtime: every long-lived object of one process, built once and torn down in reverse.
 
 ``build`` is the composition root's one place of construction (no singletons; set-up and
-teardown in pairs): pool, HTTP session, metrics registry, crypto, adapter, config cache,
-listener, ownership, dispatcher, log writer and the journal's live feed. Each is set up with
-its teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime through
-``RUNTIME``.
+teardown in pairs): pool, HTTP sessions (one for the CRM, one for the PBX), metrics
+registry, crypto, adapter, config cache, listener, ownership, dispatcher, log writers, the
+journal's live feed, the PBX client, the click-to-call throttle and smart redirect. Each is
+set up with its teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime
+through ``RUNTIME``; an adapter's callback routes get only ``callback_deps``
+(``integrations/base.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from daemon import __version__, db, egress, loopwatch, retention, store
+from daemon.auditlog import AuditLog
 from daemon.cache import ConfigCache
 from daemon.crypto import Crypto
 from daemon.db import DatabaseHealth
@@ -29,19 +32,24 @@ from daemon.dispatcher import Dispatcher
 from daemon.feed import JournalFeed
 from daemon.guards import Guards
 from daemon.integrations import load as load_adapter
-from daemon.integrations.base import Adapter, AdapterDeps
+from daemon.integrations.base import Adapter, AdapterDeps, CallbackDeps, IntegrationConfig
 from daemon.listener import Listener
 from daemon.logs import OutcomeWriter
 from daemon.metrics import Metrics
 from daemon.migrate import find_sql_dir, load_migrations
 from daemon.ownership import BEATS_PER_LEASE, Ownership
+from daemon.pbx import Pbx
+from daemon.pbx import new_session as pbx_session
+from daemon.redirect import SmartRedirect
 from daemon.retry import Policy
 from daemon.settings import Settings
 from daemon.supervisor import Supervisor
+from daemon.throttle import Throttle
 
 log = structlog.get_logger(__name__)
 
 HTTP_CONNECT_TIMEOUT_S = 5.0
+PBX_CONNECTIONS = 100  # one Asterisk service: click-to-call and transfers, not a backlog
 
 
 @dataclass(slots=True)
@@ -64,7 +72,31 @@ class Runtime:
     health: DatabaseHealth
     migrations: frozenset[int]  # the versions this build's sql/ holds (``/ready``)
     feed: JournalFeed
+    pbx: Pbx
+    make_call_throttle: Throttle
+    audit: AuditLog
+    redirect: SmartRedirect
     started_at: float = field(default_factory=time.time)
+
+    def callback_deps(self) -> CallbackDeps:
+        """What the adapter's callback routes may use (their sub-application's
+        ``CALLBACK_DEPS``)."""
+        return CallbackDeps(
+            integration=self.adapter.name, pool=self.pool,
+            enterprise_by_secret=self.cache.matrix.by_secret, config_of=self._config_of,
+            serving_config=self._serving_config, statuses_changed=self.redirect.forget,
+            pbx=self.pbx,
+            make_call_throttle=self.make_call_throttle, audit=self.audit,
+            metrics=self.metrics,
+        )
+
+    def _config_of(self, enterprise: str) -> IntegrationConfig | None:
+        entry = self.cache.get(enterprise)
+        return entry.config if entry is not None else None
+
+    def _serving_config(self, enterprise: str) -> IntegrationConfig | None:
+        entry = self.cache.get(enterprise)
+        return entry.config if entry is not None and entry.serves else None
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -132,13 +164,24 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
                     if settings.notify else None)
         if listener is None:  # poll only: no LISTEN connection to report, nor to alert on
             metrics.registry.unregister(metrics.listener_connected)
+        pbx_http = pbx_session(settings.pbx_timeout_s, connections=PBX_CONNECTIONS,
+                               connect_timeout_s=HTTP_CONNECT_TIMEOUT_S)
+        stack.push_async_callback(pbx_http.close)
+        pbx = Pbx(pool, pbx_http, settings.pbx_url, timeout_s=settings.pbx_timeout_s,
+                  metrics=metrics)
+        audit = AuditLog(pool, metrics)
+        redirect = SmartRedirect(cache, adapter, pool, audit, pbx, metrics,
+                                 deadline_s=settings.smart_redirect_deadline_s,
+                                 lookup_timeout_s=settings.attempt_timeout_s)
+        stack.push_async_callback(redirect.close)
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
             ownership=ownership, dispatcher=dispatcher, listener=listener, health=health,
             migrations=frozenset(m.version for m in
                                  load_migrations(find_sql_dir(settings.sql_dir))),
-            feed=feed,
+            feed=feed, pbx=pbx, make_call_throttle=Throttle(settings.make_call_rate),
+            audit=audit, redirect=redirect,
         )
         metrics.info.labels(adapter.name, __version__, socket.gethostname()).set(1)
         await store.register_integration(pool, adapter.name, adapter.event_types)
@@ -190,6 +233,7 @@ def _start_tasks(rt: Runtime) -> None:
     spawn("ownership", rt.ownership.run(stopping))
     spawn("dispatcher", rt.dispatcher.run(stopping))
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
+    spawn("audit-log", rt.audit.run(stopping))
     spawn("queue-stats", rt.dispatcher.run_stats(stopping))
     spawn("journal-feed", rt.feed.run(stopping))
     spawn("loop-watch", loopwatch.run(rt.metrics, stopping))

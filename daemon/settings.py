@@ -83,6 +83,10 @@ class Settings:
     http_header_timeout_s: float = 5.0
     http_body_timeout_s: float = 10.0
     http_max_connections: int = 1000
+    pbx_url: str = "http://127.0.0.1:8018"
+    pbx_timeout_s: float = 5.0
+    make_call_rate: float = 5.0
+    smart_redirect_deadline_s: float = 1.5
     generated: tuple[str, ...] = ()
 
     def describe(self) -> dict[str, Any]:
@@ -344,6 +348,17 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("http_body_timeout_s", _positive_float,
            "time a client has to send a request's body once its headers are in (default 10)"),
     _Field("http_max_connections", _int, "open HTTP connections accepted (default 1000)"),
+    _Field("pbx_url", _http_url,
+           "the platform's Asterisk service, which places and transfers calls "
+           "(default http://127.0.0.1:8018)"),
+    _Field("pbx_timeout_s", _positive_float,
+           "timeout of one request to that service, seconds (default 5)"),
+    _Field("make_call_rate", _positive_float,
+           "click-to-call requests per second per RetailCRM clientId; more are answered 429 "
+           "(default 5)"),
+    _Field("smart_redirect_deadline_s", _positive_float,
+           "hard deadline of a smart-redirect or customer-name answer, seconds; at most 10 "
+           "(default 1.5)"),
 )
 
 
@@ -385,6 +400,9 @@ def load(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings
     return _finish(values, dev_mode, tuple(generated))
 
 
+# A smart redirect holds a ringing call: a deadline beyond this is a configuration mistake.
+MAX_REDIRECT_DEADLINE_S = 10.0
+
 _REQUIRED = frozenset({"database_url", "secret_key", "encryption_keys", "service_token"})
 
 
@@ -418,6 +436,9 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
         raise SettingsError(PREFIX + "ENTERPRISE_CONCURRENCY", "must be at least 1")
     if settings.max_attempts < 1:
         raise SettingsError(PREFIX + "MAX_ATTEMPTS", "must be at least 1")
+    if settings.smart_redirect_deadline_s > MAX_REDIRECT_DEADLINE_S:
+        raise SettingsError(PREFIX + "SMART_REDIRECT_DEADLINE_S",
+                            f"must be at most {MAX_REDIRECT_DEADLINE_S:g} (a caller is waiting)")
     if settings.max_lease_expiries < 1:
         raise SettingsError(PREFIX + "MAX_LEASE_EXPIRIES", "must be at least 1")
     if settings.max_response_bytes < MIN_RESPONSE_BYTES:

@@ -763,6 +763,87 @@ async def insert_log(
                      "success" if ok else "error", error)
 
 
+# ------------------------------------------------------------------ telephony
+# (the PBX's credential, managers' statuses, the directory smart redirect answers from)
+
+# The enterprise's credential at the platform's Asterisk service and its internal numbers,
+# in one round trip; no row: no such enterprise. Read when a call is placed, never cached.
+PBX_LINE = """
+SELECT e.secret,
+       ARRAY(SELECT DISTINCT p.phone_number FROM user_internal_phones p
+              WHERE p.enterprise_number = e.number) AS numbers
+  FROM enterprises e
+ WHERE e.number = $1
+"""
+
+# A manager's status: written only when it changes (no row, no NOTIFY otherwise).
+PUT_USER_STATUS = """
+INSERT INTO crm_user_status (enterprise_number, integration_type, user_id, status)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (enterprise_number, integration_type, user_id)
+DO UPDATE SET status = EXCLUDED.status, updated_at = now()
+ WHERE crm_user_status.status IS DISTINCT FROM EXCLUDED.status
+RETURNING user_id
+"""
+
+USER_STATUSES = """
+SELECT user_id, status FROM crm_user_status
+ WHERE enterprise_number = $1 AND integration_type = $2
+"""
+
+# What smart redirect checks an answer against: the enterprise's internal numbers and its
+# managers' statuses, in one round trip.
+ROUTING_DIRECTORY = """
+SELECT ARRAY(SELECT DISTINCT p.phone_number FROM user_internal_phones p
+              WHERE p.enterprise_number = $1) AS numbers,
+       coalesce((SELECT jsonb_object_agg(s.user_id, s.status) FROM crm_user_status s
+                  WHERE s.enterprise_number = $1 AND s.integration_type = $2),
+                '{}'::jsonb) AS statuses
+"""
+
+
+# Rows of the live paths' audit log (daemon/auditlog.py), many at once; JSON as text.
+INSERT_LOGS = """
+INSERT INTO integration_logs (enterprise_number, integration_type, event_type, request_data,
+                              response_data, status, error_message)
+SELECT l.enterprise_number, l.integration_type, l.event_type, l.request_data::jsonb,
+       l.response_data::jsonb, l.status, l.error_message
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+              $7::text[])
+    AS l(enterprise_number, integration_type, event_type, request_data, response_data, status,
+         error_message)
+"""
+
+
+async def pbx_line(db: Executor, enterprise: str) -> tuple[str | None, list[str]] | None:
+    """``(enterprises.secret, internal numbers)`` of ``enterprise``; None: no such one."""
+    row = await db.fetchrow(PBX_LINE, enterprise)
+    if row is None:
+        return None
+    return row["secret"], list(row["numbers"])
+
+
+async def put_user_status(db: Executor, enterprise: str, integration: str, user_id: str,
+                          status: str) -> bool:
+    """Store a manager's status; True when it changed (and so was NOTIFYed)."""
+    changed = await db.fetchval(PUT_USER_STATUS, enterprise, integration, user_id, status)
+    return changed is not None
+
+
+async def user_statuses(db: Executor, enterprise: str, integration: str) -> dict[str, str]:
+    """Every stored manager status of ``enterprise``: CRM user id → status."""
+    rows = await db.fetch(USER_STATUSES, enterprise, integration)
+    return {r["user_id"]: r["status"] for r in rows}
+
+
+async def routing_directory(db: Executor, enterprise: str, integration: str
+                            ) -> tuple[frozenset[str], dict[str, str]]:
+    """``(internal numbers, statuses)`` of ``enterprise`` (see ``ROUTING_DIRECTORY``)."""
+    row = await db.fetchrow(ROUTING_DIRECTORY, enterprise, integration)
+    assert row is not None  # a SELECT without FROM always returns its one row
+    return frozenset(row["numbers"]), dict(row["statuses"])
+
+
 # ------------------------------------------------------------------ admin UI
 # (sessions, the journal, one enterprise's diagnostics: sql/007_admin_sessions.sql)
 

@@ -19,7 +19,7 @@ import daemon.integrations
 from daemon.crypto import Crypto
 from daemon.errors import ConfigError
 from daemon.integrations import available, load
-from daemon.integrations.base import Adapter, AdapterDeps
+from daemon.integrations.base import Adapter, AdapterDeps, Responsible, Route
 from tests.conftest import TEST_FERNET_KEY, TEST_SECRET_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ ADAPTERS = [*available(), "tests.support.fakecrm"]
 FIXED_FILES = ("__init__.py", "config.py", "client.py", "events.py")
 KNOWN_EVENT_TYPES = frozenset({"start", "dial", "bridge", "hangup", "download"})
 ASYNC_METHODS = ("deliver", "deliver_batch", "check_credentials", "list_users", "register",
-                 "unregister", "responsible_extension", "read_settings", "write_settings",
+                 "unregister", "responsible_manager", "read_settings", "write_settings",
                  "test_connection", "managers", "internal_numbers_view", "extensions",
                  "save_extensions", "sync_extensions")
 # STYLE.md: cli is the composition root (cli → web → core); it alone may import web.
@@ -73,6 +73,24 @@ async def test_an_adapter_loads_by_name_and_satisfies_the_protocol(
         coro.close()  # never started: the runtime is the one that runs them
     templates = adapter.templates_dir()
     assert templates is None or templates.is_dir()
+    assert not inspect.iscoroutinefunction(adapter.route)  # pure: called on every call
+
+
+@pytest.mark.parametrize("name", ADAPTERS)
+async def test_nobody_known_routes_nowhere(name: str, deps: AdapterDeps) -> None:
+    adapter = load(name, deps)
+    config = adapter.parse_config({"enabled": False, **_minimal_config(name)})
+    route = adapter.route(config, Responsible(), {})
+    assert isinstance(route, Route)
+    assert route.extension is None and route.reason == "no_customer"
+
+
+def _minimal_config(name: str) -> dict[str, str]:
+    """What parse_config needs of a switched-off config of adapter ``name``."""
+    if name == "tests.support.fakecrm":
+        return {"url": "http://127.0.0.1:9", "api_key": Crypto(
+            (TEST_FERNET_KEY,), TEST_SECRET_KEY).encrypt("k")}
+    return {}
 
 
 @pytest.mark.parametrize("name", ADAPTERS)
@@ -185,12 +203,20 @@ def test_no_core_module_names_the_retailcrm_adapter() -> None:
     assert not offences, offences
 
 
-def test_an_adapter_imports_neither_web_nor_another_adapter() -> None:
+def test_an_adapter_imports_neither_web_nor_the_runtime_nor_another_adapter() -> None:
+    # The runtime is the composition root's: an adapter's routes get CALLBACK_DEPS instead.
     offences = []
     for name in available():
         others = [f"daemon.integrations.{n}" for n in available() if n != name]
         for path in sorted((INTEGRATIONS / name).rglob("*.py")):
             for module in _imports(path):
-                if _is(module, "web") or any(_is(module, other) for other in others):
+                if (_is(module, "web") or _is(module, "daemon.runtime")
+                        or any(_is(module, other) for other in others)):
                     offences.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not offences, offences
+
+
+def test_the_arrow_checks_catch_an_adapter_importing_the_runtime() -> None:
+    # What retailcrm/http.py did before its routes got CALLBACK_DEPS.
+    found = _imports_of("from daemon.runtime import RUNTIME\n", "daemon.integrations.retailcrm")
+    assert any(_is(m, "daemon.runtime") for m in found)

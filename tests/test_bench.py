@@ -26,6 +26,7 @@ ANCHORS = ["anchor.noop", "anchor.retailcrm", "anchor.latency", "anchor.ingest",
 def test_select_by_name_and_prefix() -> None:
     assert select([]) == list(BENCHMARKS)
     assert select(["cache"]) == ["cache.a", "cache.b"]
+    assert select(["telephony"]) == ["telephony.a", "telephony.b", "telephony.c"]
     assert select(["anchor"]) == ANCHORS
     assert select(["journal"]) == ["journal.a", "journal.b"]
     assert select(["pipeline.d,cache.a", "pipeline.d"]) == ["pipeline.d", "cache.a"]

@@ -52,6 +52,10 @@ def test_each_required_variable_missing_is_named(variable: str) -> None:
         ("CRM_BRIDGE_LOG_FORMAT", "xml", "one of"),
         ("CRM_BRIDGE_LEASE_S", "4", "twice"),
         ("CRM_BRIDGE_INTEGRATION", "retail crm!", "adapter name"),
+        ("CRM_BRIDGE_PBX_URL", "pbx.internal:8018", "absolute http(s) URL"),
+        ("CRM_BRIDGE_PBX_TIMEOUT_S", "0", "greater than 0"),
+        ("CRM_BRIDGE_MAKE_CALL_RATE", "fast", "a number"),
+        ("CRM_BRIDGE_SMART_REDIRECT_DEADLINE_S", "30", "at most 10"),
     ],
 )
 def test_each_malformed_variable_is_named(variable: str, value: str, says: str) -> None:
@@ -61,6 +65,18 @@ def test_each_malformed_variable_is_named(variable: str, value: str, says: str) 
     assert says in str(info.value)
     if "KEY" in variable or "TOKEN" in variable:
         assert value not in str(info.value), "a rejected secret is not echoed"
+
+
+def test_the_telephony_settings_and_their_defaults() -> None:
+    settings = load(GOOD)
+    assert settings.pbx_url == "http://127.0.0.1:8018"
+    assert (settings.pbx_timeout_s, settings.make_call_rate) == (5.0, 5.0)
+    assert settings.smart_redirect_deadline_s == 1.5
+    tuned = load({**GOOD, "CRM_BRIDGE_PBX_URL": "http://pbx.internal:8018/",
+                  "CRM_BRIDGE_MAKE_CALL_RATE": "2.5",
+                  "CRM_BRIDGE_SMART_REDIRECT_DEADLINE_S": "0.8"})
+    assert tuned.pbx_url == "http://pbx.internal:8018"
+    assert (tuned.make_call_rate, tuned.smart_redirect_deadline_s) == (2.5, 0.8)
 
 
 def test_no_fallback_secrets_outside_dev_mode() -> None:

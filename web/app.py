@@ -6,8 +6,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from daemon.integrations.base import CALLBACK_DEPS
 from daemon.runtime import RUNTIME, Runtime
-from web import admin, admin_api, api, bodies, health, middlewares, openapi
+from web import admin, admin_api, api, bodies, dialplan, health, middlewares, openapi
 from web.auth import admin_prefix
 from web.templating import TEMPLATES, environment
 
@@ -27,10 +28,11 @@ def create_app(runtime: Runtime) -> web.Application:
     app.add_routes(api.routes)
     app.add_routes(admin_api.service_routes())
     app.add_routes(openapi.routes)
+    app.add_routes(dialplan.routes)
     callbacks = runtime.adapter.routes()
     if callbacks:
         sub = web.Application()
-        sub[RUNTIME] = runtime
+        sub[CALLBACK_DEPS] = runtime.callback_deps()
         sub.add_routes(callbacks)
         app.add_subapp(f"/{runtime.adapter.name}/", sub)
     pages = admin.create(admin_prefix(runtime))

@@ -4,7 +4,7 @@ One folder per CRM under ``daemon/integrations/`` (docs/architecture.md); its ``
 exposes ``create_adapter(runtime_deps) -> Adapter``. The core (dispatcher, cache, web) talks
 to a CRM only through these types and never imports an adapter module directly.
 
-The split inside an adapter (rule 7): pure mapping (no I/O), a dumb HTTP client (typed
+The split inside an adapter: pure mapping (no I/O), a dumb HTTP client (typed
 errors), and thin glue implementing this protocol.
 """
 
@@ -15,18 +15,23 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from aiohttp import web
+
 if TYPE_CHECKING:
     import asyncio
     from pathlib import Path
 
     import aiohttp
     import asyncpg
-    from aiohttp import web
 
+    from daemon.auditlog import AuditLog
     from daemon.calls import StoredEvent
     from daemon.crypto import Crypto
     from daemon.db import DatabaseHealth
     from daemon.errors import DeliveryError
+    from daemon.metrics import Metrics
+    from daemon.pbx import Pbx
+    from daemon.throttle import Throttle
 
 
 @runtime_checkable
@@ -251,6 +256,63 @@ class ExtensionsSaved:
 
 
 @dataclass(frozen=True, slots=True)
+class Responsible:
+    """What the CRM says about a calling number: its customer and the manager responsible.
+
+    Ids are the CRM's own, as strings. ``customer_id`` None: the CRM knows no customer with
+    that number. ``manager_status`` is the CRM's availability word for the manager as the
+    look-up saw it (None when it gave none). Every field None: nobody known.
+    """
+
+    customer_id: str | None = None
+    customer_name: str | None = None
+    manager_id: str | None = None
+    manager_name: str | None = None
+    manager_status: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which extension should ring first, or why none: ``reason`` is ``no_customer``,
+    ``no_manager``, ``no_extension`` (the manager has no internal number) or
+    ``manager_away`` (on break or at dinner, and the enterprise skips such managers)."""
+
+    extension: str | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackDeps:
+    """What an adapter's callback routes get from the core, on their sub-application under
+    ``CALLBACK_DEPS``: lookups, the pool, the PBX client, the click-to-call throttle, the
+    audit log (``integration_logs`` rows written off the request path) and the metrics.
+    Routes receive these; they never import the Runtime or web/.
+
+    ``enterprise_by_secret`` maps a callback secret (RetailCRM's clientId) to its enterprise
+    through its keyed fingerprint; ``config_of`` is an enterprise's parsed config whatever
+    its state (None: unknown or invalid); ``serving_config`` the same only when this
+    integration serves it (the enterprise active, the integration enabled and valid). All
+    three answer from memory, never awaiting. ``statuses_changed`` is called after a route
+    stored a manager's status: this instance forgets what it remembered of the enterprise's
+    statuses at once (the others learn of it through ``NOTIFY``).
+    """
+
+    integration: str
+    pool: asyncpg.Pool
+    enterprise_by_secret: Callable[[str], str | None]
+    config_of: Callable[[str], IntegrationConfig | None]
+    serving_config: Callable[[str], IntegrationConfig | None]
+    statuses_changed: Callable[[str], None]
+    pbx: Pbx
+    make_call_throttle: Throttle
+    audit: AuditLog
+    metrics: Metrics
+
+
+CALLBACK_DEPS = web.AppKey("callback_deps", CallbackDeps)
+
+
+@dataclass(frozen=True, slots=True)
 class AdapterDeps:
     """What the composition root hands an adapter when it builds it."""
 
@@ -307,14 +369,16 @@ class Adapter(Protocol):
         order. Raising instead applies the error to every context."""
 
     def routes(self) -> Sequence[web.AbstractRouteDef]:
-        """Callback routes the CRM calls (mounted under ``/{name}/``)."""
+        """Callback routes the CRM calls, mounted under ``/{name}/`` on a sub-application
+        whose ``CALLBACK_DEPS`` holds what they may use (``CallbackDeps``)."""
 
     async def check_credentials(self, config: IntegrationConfig) -> CredentialsCheck:
         """Test ``config``'s credentials against the CRM. Never raises for a CRM failure
         (unreachable, refused...): that is an ``ok=False`` answer saying why."""
 
-    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
-        """The CRM's active users with their mapped extensions; a CRM failure raises one of
+    async def list_users(self, enterprise: str, config: IntegrationConfig) -> list[CrmUser]:
+        """The CRM's active users of ``enterprise`` with their mapped extensions and status
+        (the latest one the CRM reported to us, where it did); a CRM failure raises one of
         the ``DeliveryError`` classes."""
 
     async def register(self, enterprise: str) -> RegistrationResult:
@@ -326,12 +390,19 @@ class Adapter(Protocol):
         secret and admin link issued so far. The local part happens even when the CRM
         cannot be told (``ok`` is then False and the message says so)."""
 
-    async def responsible_extension(
+    async def responsible_manager(
         self, enterprise: str, config: IntegrationConfig, phone: str, *, timeout_s: float = 1.0
-    ) -> str | None:
-        """The extension of the manager the CRM holds responsible for ``phone``; None when
-        there is no such manager or they have no extension. Takes at most about
-        ``timeout_s``; a CRM failure raises one of the ``DeliveryError`` classes."""
+    ) -> Responsible:
+        """What the CRM says about the caller ``phone``: the customer and the manager
+        responsible for them, whatever that manager's status (``route`` decides). Takes at
+        most about ``timeout_s``; a CRM failure raises one of the ``DeliveryError``
+        classes."""
+
+    def route(self, config: IntegrationConfig, found: Responsible,
+              statuses: Mapping[str, str]) -> Route:
+        """Which extension should ring for ``found`` under ``config`` (its manager ↔ number
+        map and its rule for away managers), ``statuses`` being the managers' latest
+        statuses stored for the enterprise (CRM user id → word). Pure, no I/O."""
 
     def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
         """Background loops of this adapter, by name; the runtime spawns and supervises

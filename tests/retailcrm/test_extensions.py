@@ -178,7 +178,7 @@ async def test_managers_and_numbers_for_the_picker(
     assert by_id["4"].extension == "103"  # only RetailCRM knows it: shown
     assert by_id["1"].name and "@" in by_id["1"].email
     assert view.mismatches == (Mismatch("2", "102", "150"), Mismatch("4", None, "103"))
-    users = await adapter.list_users(config)
+    users = await adapter.list_users(ENTERPRISE, config)
     assert [u.id for u in users] == ["1", "2", "3", "4", "5"]
 
     numbers = await extensions.internal_numbers(pool, ENTERPRISE, config.user_extensions)

@@ -402,6 +402,29 @@ async def test_responsible_manager(sim: Simulator, http: aiohttp.ClientSession) 
     assert "phone" in body["errors"]
 
 
+async def test_a_customer_with_a_name_and_perhaps_no_manager(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    path = "/api/v5/telephony/manager"
+    reply = await control(http, sim, "POST", "/_customers", {
+        CALLER: {"firstName": "Мария", "lastName": "Козлова"},
+        "+375 33 666-00-00": {"nickName": "ООО Ромашка", "password": "ignored"}})
+    assert reply == {"success": True, "count": 2}
+    _, body = await call(http, sim, "GET", path, params={"phone": CALLER, "details": "1"})
+    assert body["manager"]["id"] == 2
+    assert (body["customer"]["firstName"], body["customer"]["lastName"]) == ("Мария", "Козлова")
+    # Known, but nobody responsible: the customer comes with a null manager (details only).
+    _, body = await call(http, sim, "GET", path, params={"phone": "375336660000", "details": "1"})
+    assert body["manager"] is None and body["customer"]["nickName"] == "ООО Ромашка"
+    assert "password" not in body["customer"]
+    _, body = await call(http, sim, "GET", path, params={"phone": "375336660000"})
+    assert body == {"success": True, "manager": None}
+    async with http.post(sim.url + "/_customers", json={CALLER: "Мария"}) as resp:
+        assert resp.status == 400
+    sim.reset(users=True)
+    assert sim.customers == {}
+
+
 # -- rate limit ----------------------------------------------------------------------------------
 
 

@@ -21,6 +21,8 @@ from daemon.integrations.base import (
     InternalNumber,
     ManagersView,
     RegistrationResult,
+    Responsible,
+    Route,
 )
 
 
@@ -37,7 +39,7 @@ class StandInCrm:
         """Any credentials do."""
         return CredentialsCheck(ok=True, message=f"{self.crm_label} takes any key")
 
-    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
+    async def list_users(self, enterprise: str, config: IntegrationConfig) -> list[CrmUser]:
         """Nobody."""
         return []
 
@@ -49,11 +51,16 @@ class StandInCrm:
         """Nothing to unregister."""
         return RegistrationResult(ok=True, message=f"nothing to unregister in {self.crm_label}")
 
-    async def responsible_extension(
+    async def responsible_manager(
         self, enterprise: str, config: IntegrationConfig, phone: str, *, timeout_s: float = 1.0
-    ) -> str | None:
-        """Nobody is responsible."""
-        return None
+    ) -> Responsible:
+        """Nobody is known."""
+        return Responsible()
+
+    def route(self, config: IntegrationConfig, found: Responsible,
+              statuses: Mapping[str, str]) -> Route:
+        """Nobody to ring."""
+        return Route(None, "no_customer")
 
     def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
         """No background loops."""

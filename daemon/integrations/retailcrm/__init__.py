@@ -62,6 +62,8 @@ from daemon.integrations.base import (
     ManagersView,
     Outcome,
     RegistrationResult,
+    Responsible,
+    Route,
     Skipped,
 )
 from daemon.integrations.retailcrm import account, extensions, routing
@@ -288,7 +290,8 @@ class RetailCrmAdapter:
         return numbers
 
     def routes(self) -> Sequence[web.AbstractRouteDef]:
-        """RetailCRM's callbacks (mounted under /retailcrm/)."""
+        """RetailCRM's callbacks (mounted under /retailcrm/): the module's activity,
+        click-to-call, managers' statuses, the logo."""
         from daemon.integrations.retailcrm import http
 
         return http.routes
@@ -318,12 +321,14 @@ class RetailCrmAdapter:
             ok=True, message=f"RetailCRM at {config.domain} accepted the API key, which has "
             "every permission the bridge needs.")
 
-    async def list_users(self, config: IntegrationConfig) -> list[CrmUser]:
+    async def list_users(self, enterprise: str, config: IntegrationConfig) -> list[CrmUser]:
         """Every active RetailCRM user, each with their number (local map merged with the
-        module's ``additionalCodes``, local winning)."""
+        module's ``additionalCodes``, local winning) and status (the latest RetailCRM
+        reported through ``changeUserStatusUrl``, else the users list's)."""
         assert isinstance(config, cfg.RetailCrmConfig)
         client = self.client(config, timeout_s=CHECK_TIMEOUT_S)
-        view = await extensions.managers(client, config, self.identity.code)
+        statuses = await store.user_statuses(self.deps.pool, enterprise, NAME)
+        view = await extensions.managers(client, config, self.identity.code, statuses)
         return list(view.managers)
 
     async def register(self, enterprise: str) -> RegistrationResult:
@@ -346,16 +351,23 @@ class RetailCrmAdapter:
         return await extensions.save_and_sync(self.deps.pool, enterprise, assignments,
                                               self.registrar.sync)
 
-    async def responsible_extension(
+    async def responsible_manager(
         self, enterprise: str, config: IntegrationConfig, phone: str, *,
         timeout_s: float = routing.DEFAULT_TIMEOUT_S,
-    ) -> str | None:
-        """The responsible manager's extension for ``phone`` (see ``routing``)."""
+    ) -> Responsible:
+        """RetailCRM's customer and responsible manager for ``phone`` (``routing.look_up``);
+        nobody when the account is not configured."""
         assert isinstance(config, cfg.RetailCrmConfig)
         if not (config.domain and config.api_key):
-            return None
-        return await routing.responsible_extension(
+            return routing.NOBODY
+        return await routing.look_up(
             self.client(config, timeout_s=timeout_s), config, phone, timeout_s=timeout_s)
+
+    def route(self, config: IntegrationConfig, found: Responsible,
+              statuses: Mapping[str, str]) -> Route:
+        """The extension to ring for ``found`` (``routing.decide``)."""
+        assert isinstance(config, cfg.RetailCrmConfig)
+        return routing.decide(config, found, statuses)
 
     def tasks(self, stopping: asyncio.Event) -> Mapping[str, Coroutine[Any, Any, None]]:
         """``extensions-sync``: the reconciliation loop."""
@@ -387,13 +399,15 @@ class RetailCrmAdapter:
         return await self.check_credentials(config)
 
     async def managers(self, enterprise: str) -> ManagersView:
-        """Active RetailCRM users with status and number, and the mismatches."""
+        """Active RetailCRM users with status (the latest RetailCRM reported through
+        ``changeUserStatusUrl``, else the users list's) and number, and the mismatches."""
         config = await self._stored_config(enterprise)
         if not (config.domain and config.api_key):
             raise ConfigError("domain", "RetailCRM is not connected: set the account "
                               "address and the API key first")
         client = self.client(config, timeout_s=CHECK_TIMEOUT_S)
-        return await extensions.managers(client, config, self.identity.code)
+        statuses = await store.user_statuses(self.deps.pool, enterprise, NAME)
+        return await extensions.managers(client, config, self.identity.code, statuses)
 
     async def internal_numbers_view(self, enterprise: str) -> list[InternalNumber]:
         """The enterprise's numbers with owners and the managers on them."""

@@ -26,7 +26,7 @@ MASK_DOT: Final = "•"
 MASK_SHOWN_MIN_CHARS: Final = 16
 MAX_KEY_CHARS: Final = 256
 MAX_EXTERNAL_PHONES: Final = 100
-BOOLEANS: Final = (*cfg.SWITCHES, "enabled", "log_internal")
+BOOLEANS: Final = (*cfg.SWITCHES, "enabled", "log_internal", "skip_away_managers")
 TEXTS: Final = ("domain", "time_zone", "crm_time_zone", "region", "site_code")
 # Kept by the bridge itself: shown, never written through a settings update.
 READ_ONLY: Final = {
@@ -67,6 +67,7 @@ def view(raw: Mapping[str, Any] | None, crypto: Crypto, *,
         "api_key_set": bool(raw.get("api_key")),
         **{name: getattr(config, name) for name in cfg.SWITCHES},
         "log_internal": config.log_internal,
+        "skip_away_managers": config.skip_away_managers,
         "time_zone": config.time_zone, "crm_time_zone": config.crm_time_zone,
         "region": config.region,
         "external_phones": dict(config.external_phones),

@@ -197,20 +197,30 @@ class RetailCrmClient:
         Both readings of "no manager" give None: a success body whose ``manager`` is absent or
         null, and a 404 answer (unless it is an authentication failure).
         """
+        manager, _customer = await self.telephony_manager(
+            phone, ignore_status=ignore_status, timeout_s=timeout_s)
+        return manager
+
+    async def telephony_manager(
+        self, phone: str, *, ignore_status: bool = False, timeout_s: float | None = None
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """``GET /api/v5/telephony/manager`` with ``details=1``: ``(manager, customer)``,
+        each None when absent or null (a 404 is "neither")."""
         path = "/api/v5/telephony/manager"
         query = {"phone": phone, "details": "1", "ignoreStatus": "1" if ignore_status else "0"}
         try:
             body = await self._request("GET", path, query=query, timeout_s=timeout_s)
         except errors.Permanent as exc:
             if exc.status == 404:
-                return None
+                return None, None
             raise
-        manager = body.get("manager")
-        if manager is None:
-            return None
-        if not isinstance(manager, dict):
-            raise self._unexpected("GET", path, "manager")
-        return manager
+        found: list[dict[str, Any] | None] = []
+        for key in ("manager", "customer"):
+            value = body.get(key)
+            if value is not None and not isinstance(value, dict):
+                raise self._unexpected("GET", path, key)
+            found.append(value)
+        return found[0], found[1]
 
     async def users(
         self,

@@ -116,6 +116,7 @@ SWITCH_HELP: Final = {
     "popup_incoming": "call cards of incoming calls", "popup_outgoing": "of outgoing calls",
     "popup_hangup": "hangup events", "upload_history": "upload finished calls",
     "upload_recordings": "with their recordings", "log_internal": "internal calls too",
+    "skip_away_managers": "smart redirect rings no manager on break or at dinner",
 }
 
 

@@ -13,6 +13,8 @@ Stored shape (flat; every key optional except where noted)::
      "user_extensions": {"12": "151"},             # RetailCRM user id -> internal number
      "external_phones": {"0001363": "+375172000000"},  # trunk -> the line's own number
      "site_code": "main",                          # for the module's externalPhones
+     "skip_away_managers": true,                   # smart redirect: not to managers on
+                                                   # break or at dinner
      "client_id": "<Fernet token>",                # what RetailCRM sends back in callbacks
      "token_version": 1, "last_sync": "2026-11-26T12:00:00+00:00", "sync_pending": false}
 
@@ -89,6 +91,7 @@ class RetailCrmConfig:
     token_version: int = 0
     last_sync: str | None = None
     sync_pending: bool = False
+    skip_away_managers: bool = True
 
     @property
     def callback_secret(self) -> str | None:
@@ -245,6 +248,7 @@ def parse(
         token_version=version,
         last_sync=sys.intern(last_sync) if isinstance(last_sync, str) else None,
         sync_pending=raw.get("sync_pending") is True,
+        skip_away_managers=_bool(raw, "skip_away_managers", True),
     )
 
 

@@ -17,7 +17,8 @@ Owns the rules of ``user_extensions`` (``{"<RetailCRM user id>": "<internal numb
 
 Reading: :func:`managers` lists every active RetailCRM user (not only the free ones) with
 their current number — the local map merged with the module's ``additionalCodes``, the
-local map winning — and every disagreement between the two; :func:`internal_numbers` lists
+local map winning — their status (the latest one RetailCRM reported to us, else the users
+list's), and every disagreement between the two maps; :func:`internal_numbers` lists
 the enterprise's numbers with their owners and whether a manager has taken them.
 """
 
@@ -74,8 +75,10 @@ def merge(local: Mapping[str, str], remote: Mapping[str, str]
 
 
 async def managers(client: RetailCrmClient, config: cfg.RetailCrmConfig, module_code: str,
-                   ) -> ManagersView:
-    """Every active RetailCRM user with their number (see the module docstring)."""
+                   statuses: Mapping[str, str] | None = None) -> ManagersView:
+    """Every active RetailCRM user with their number (see the module docstring) and status:
+    the one in ``statuses`` (the latest RetailCRM reported through ``changeUserStatusUrl``)
+    where there is one, else the users list's."""
     users = await client.users(active_only=True)
     try:
         module: dict[str, Any] | None = await client.get_module(module_code)
@@ -86,14 +89,16 @@ async def managers(client: RetailCrmClient, config: cfg.RetailCrmConfig, module_
     merged, mismatches = merge(config.user_extensions, remote_codes(module))
     if module is None:
         mismatches = []  # nothing registered yet: every local number is simply unsent
-    listed = tuple(_user(u, merged) for u in users if isinstance(u, Mapping) and "id" in u)
+    listed = tuple(_user(u, merged, statuses or {}) for u in users
+                   if isinstance(u, Mapping) and "id" in u)
     return ManagersView(listed, tuple(mismatches), module is not None)
 
 
-def _user(raw: Mapping[str, Any], numbers: Mapping[str, str]) -> CrmUser:
+def _user(raw: Mapping[str, Any], numbers: Mapping[str, str],
+          statuses: Mapping[str, str]) -> CrmUser:
     uid = str(raw["id"])
     name = " ".join(str(raw.get(k) or "").strip() for k in ("firstName", "lastName")).strip()
-    status = raw.get("status")
+    status = statuses.get(uid, raw.get("status"))
     return CrmUser(id=uid, name=name or f"#{uid}", email=str(raw.get("email") or ""),
                    active=bool(raw.get("active", True)),
                    status=status if isinstance(status, str) else None,

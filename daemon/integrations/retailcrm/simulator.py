@@ -11,10 +11,10 @@ It can be told to fail, stall, slow down or drop connections — for every reque
 key's, or a random share of them — and records every API request it received, with when it
 arrived, which key sent it (a fingerprint, never the key) and which fault it met. Control
 endpoints take no key (``/_requests``, ``/_reset``, ``/_fault``, ``/_users``,
-``/_managers``, ``/_keys``, ``/_config``, ``/_state``); every control is also a method
-of :class:`Simulator` for in-process tests. All state lives on the ``Simulator`` object:
-two simulators in one process share nothing. Per-request work stays small because
-benchmarks push thousands of requests per second through it.
+``/_managers``, ``/_customers``, ``/_keys``, ``/_config``, ``/_state``); every control is
+also a method of :class:`Simulator` for in-process tests. All state lives on the
+``Simulator`` object: two simulators in one process share nothing. Per-request work stays
+small because benchmarks push thousands of requests per second through it.
 
 Run standalone: ``python -m daemon.integrations.retailcrm.simulator --port 8020 --api-key K``.
 """
@@ -62,6 +62,7 @@ UPLOAD_RESULTS: Final = frozenset(
     {"answered", "busy", "failed", "no answer", "not allowed", "unknown"}
 )
 USER_STATUSES: Final = frozenset({"free", "busy", "dinner", "break"})
+CUSTOMER_NAME_KEYS: Final = frozenset({"firstName", "lastName", "nickName"})
 EVENT_KEYS: Final = frozenset(
     {"phone", "type", "codes", "userIds", "site", "externalPhone", "callExternalId",
      "hangupStatus"}
@@ -323,7 +324,9 @@ class Simulator:
     """One simulated RetailCRM account: its configuration, its faults and what it received.
 
     ``users`` defaults to three managers; ``managers`` maps phone numbers (digits compared)
-    to user ids for ``/api/v5/telephony/manager``. ``module_402`` makes module edits answer
+    to user ids for ``/api/v5/telephony/manager``; ``customers`` gives the customer with a
+    phone number a name (``firstName``/``lastName``, or a company's ``nickName``) — a phone
+    in either map is a known customer. ``module_402`` makes module edits answer
     402 (an unpaid account), ``manager_404`` makes "no manager" a 404 instead of
     ``manager: null``.
     """
@@ -334,6 +337,7 @@ class Simulator:
         api_keys: Iterable[str] = ("sim-api-key",),
         users: Iterable[Mapping[str, Any]] | None = None,
         managers: Mapping[str, int] | None = None,
+        customers: Mapping[str, Mapping[str, str]] | None = None,
         scopes: Iterable[str] = DEFAULT_SCOPES,
         sites: Iterable[str] = ("main",),
         rate_limit: bool = True,
@@ -347,6 +351,7 @@ class Simulator:
             normalize_user(u) for u in (make_users(3) if users is None else users)
         ]
         self._initial_managers = dict(managers or {})
+        self._initial_customers = dict(customers or {})
         self._initial_config = {
             "rate_limit": rate_limit, "module_402": module_402, "manager_404": manager_404,
         }
@@ -357,11 +362,13 @@ class Simulator:
         self.keys: frozenset[str] = self._initial_keys
         self.users: dict[int, dict[str, Any]] = {}
         self.managers: dict[str, int] = {}
+        self.customers: dict[str, dict[str, str]] = {}
         self.rate_limit = rate_limit
         self.module_402 = module_402
         self.manager_404 = manager_404
         self.set_users(self._initial_users)
         self.set_managers(self._initial_managers)
+        self.set_customers(self._initial_customers)
         self._windows: dict[tuple[str, bool], deque[float]] = {}
         self._stall_release = asyncio.Event()
         self._url: str | None = None
@@ -378,8 +385,8 @@ class Simulator:
     def reset(self, *, users: bool = False, keys: bool = False, config: bool = False) -> None:
         """Clear what was received, the faults and the rate windows; release stalled requests.
 
-        Users and the manager map, keys and config switches are kept unless told: then they
-        go back to what the simulator was built with.
+        Users, the manager and customer maps, keys and config switches are kept unless told:
+        then they go back to what the simulator was built with.
         """
         self.state = SimulatorState()
         self.faults.clear()
@@ -388,6 +395,7 @@ class Simulator:
         if users:
             self.set_users(self._initial_users)
             self.set_managers(self._initial_managers)
+            self.set_customers(self._initial_customers)
         if keys:
             self.keys = self._initial_keys
         if config:
@@ -423,6 +431,13 @@ class Simulator:
     def set_managers(self, managers: Mapping[str, int]) -> None:
         """Replace the phone → responsible user id map."""
         self.managers = {phone_digits(phone): int(uid) for phone, uid in managers.items()}
+
+    def set_customers(self, customers: Mapping[str, Mapping[str, str]]) -> None:
+        """Replace the phone → customer name fields map (``firstName``, ``lastName``,
+        ``nickName``)."""
+        self.customers = {phone_digits(phone): {k: str(v) for k, v in names.items()
+                                                if k in CUSTOMER_NAME_KEYS}
+                          for phone, names in customers.items()}
 
     def set_keys(self, keys: Iterable[str]) -> None:
         """Replace the set of valid API keys."""
@@ -486,6 +501,7 @@ class Simulator:
             **self.state.to_json(),
             "users": list(self.users.values()),
             "managers": self.managers,
+            "customers": self.customers,
             "config": self.config(),
             "faults": [f.to_json() for f in self.faults],
             "request_count": len(self.state.requests),
@@ -513,6 +529,7 @@ class Simulator:
         add("DELETE", "/_fault", self._ctl_clear_faults)
         add("POST", "/_users", self._ctl_users)
         add("POST", "/_managers", self._ctl_managers)
+        add("POST", "/_customers", self._ctl_customers)
         add("POST", "/_keys", self._ctl_keys)
         add("POST", "/_config", self._ctl_config)
         add("GET", "/_state", self._ctl_state)
@@ -728,23 +745,30 @@ class Simulator:
             raise ApiError(400, "Parameter 'phone' is missing", {"phone": _BLANK})
         details = _query_bool(query, "details", False)
         ignore_status = _query_bool(query, "ignoreStatus", False)
-        user = self.users.get(self.managers.get(phone_digits(phone), 0))
+        digits = phone_digits(phone)
+        known = digits in self.managers or digits in self.customers
+        user = self.users.get(self.managers.get(digits, 0))
         if user is None or not user["active"] or (not ignore_status and user["status"] != "free"):
             if self.manager_404:
                 raise ApiError(404, "Manager not found")
-            return web.json_response({"success": True, "manager": None})
-        manager = {
-            k: user[k] for k in ("id", "firstName", "lastName", "patronymic", "email", "phone",
-                                 "status", "online")
-        }
-        code = self._code_of(user["id"])
-        if code is not None:
-            manager["code"] = code
+            if not (known and details):
+                return web.json_response({"success": True, "manager": None})
+            user = None
+        manager: dict[str, Any] | None = None
+        if user is not None:
+            manager = {
+                k: user[k] for k in ("id", "firstName", "lastName", "patronymic", "email",
+                                     "phone", "status", "online")
+            }
+            code = self._code_of(user["id"])
+            if code is not None:
+                manager["code"] = code
         body: dict[str, Any] = {"success": True, "manager": manager}
         if details:
-            customer_id = int(phone_digits(phone)[-6:])
+            customer_id = int(digits[-6:])
             body["customer"] = {
                 "type": "customer", "id": customer_id, "phones": [{"number": phone}],
+                **self.customers.get(digits, {}),
             }
             body["links"] = {
                 "newOrderLink": "/orders/add", "lastOrderLink": None,
@@ -851,6 +875,13 @@ class Simulator:
         except (TypeError, ValueError) as exc:
             raise _bad_control(str(exc)) from None
         return web.json_response({"success": True, "count": len(self.managers)})
+
+    async def _ctl_customers(self, request: web.Request) -> web.Response:
+        data = await _control_json(request, dict)
+        if not all(isinstance(v, dict) for v in data.values()):
+            raise _bad_control("expected {phone: {firstName, lastName, nickName}}")
+        self.set_customers(data)
+        return web.json_response({"success": True, "count": len(self.customers)})
 
     async def _ctl_keys(self, request: web.Request) -> web.Response:
         data = await _control_json(request, (list, dict))
