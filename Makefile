@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 DEVENV := deploy/devenv.sh
 
-.PHONY: help run stop test lint docs migrate bench clean system venv
+.PHONY: help run stop test chaos lint docs migrate bench clean system venv
 
 help:
 	@echo "make run      run the daemon (throwaway local PostgreSQL unless CRM_BRIDGE_DATABASE_URL is set)"
 	@echo "make stop     stop the throwaway local PostgreSQL that make run started"
-	@echo "make test     run the whole test suite against a real PostgreSQL"
+	@echo "make test     run the whole test suite against a real PostgreSQL (with a short chaos run)"
+	@echo "make chaos    the full chaos suite: 9,000 events, kills, PostgreSQL restarts, CRM faults"
 	@echo "make lint     ruff + mypy --strict on daemon/ and web/"
 	@echo "make docs     rewrite the generated tables of docs/ (configuration reference, metrics)"
 	@echo "make migrate  apply the migrations to CRM_BRIDGE_DATABASE_URL (or the local DB)"
@@ -46,6 +47,9 @@ migrate: venv
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+chaos: venv
+	CHAOS_PROFILE=full $(BIN)/python -m pytest -m chaos -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check daemon web tests bench

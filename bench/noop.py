@@ -84,7 +84,9 @@ class NoopAdapter(StandInCrm):
             self.observer(revision, time.monotonic())
         return NoopConfig(enabled, revision)
 
-    def batch_key(self, event: StoredEvent, config: IntegrationConfig) -> str | None:
+    def batch_key(
+        self, event: StoredEvent, config: IntegrationConfig, steps_done: frozenset[str]
+    ) -> str | None:
         """No batching."""
         return None
 

@@ -9,8 +9,9 @@ The loop (one per process):
    has finished deliveries (the next event of their calls may be due now), or on stop.
    With ``notify`` off it simply polls (PgBouncer in transaction pooling cannot LISTEN).
 2. **Claim** up to ``min(free capacity, CLAIM_BATCH)`` due deliveries in one statement
-   (``store.CLAIM``: ``FOR UPDATE SKIP LOCKED``, per-call order, held enterprises skipped),
-   under a lease of ``lease_s``. An instance that dies loses its leases when they expire.
+   (``store.CLAIM``: ``FOR UPDATE SKIP LOCKED``, per-call order, held enterprises skipped,
+   only enterprises this instance owns or takes — ``daemon.ownership``), under a lease of
+   ``lease_s``. An instance that dies loses its leases when they expire.
    The claim itself dead-letters a delivery whose lease expired without an outcome
    ``max_lease_expiries`` times (``poison``) or whose attempts are used up. A delivery
    whose lease has expired twice or more (a *suspect*: it may be what kills its holders)
@@ -19,9 +20,12 @@ The loop (one per process):
    on its own: a row that cannot be read is dead-lettered at once as ``malformed``, and the
    rest of the batch goes on.
 3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
-   lease long enough to finish), then the adapter under a hard ``attempt_timeout_s``.
-4. **Settle** by error class through ``retry.decide``; the ``OutcomeWriter`` writes the
-   outcomes and log rows in batches, fenced by lease.
+   lease and an ownership long enough to finish), then the adapter under a hard
+   ``attempt_timeout_s``, with the steps earlier attempts did (``DeliveryContext``).
+4. **Settle** by outcome or error class through ``retry.decide``; the ``OutcomeWriter``
+   writes the outcomes, the steps done and log rows in batches, fenced by lease. A
+   ``Deferred`` outcome puts the delivery back to pending for later without using up an
+   attempt (a call's later deliveries stay behind it).
 
 The database going away stops nothing for good: a failed claim is reported to the
 process's ``DatabaseHealth`` and retried after a jittered pause; no claim is made while the
@@ -42,8 +46,9 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -55,10 +60,17 @@ from daemon.cache import ConfigCache, Entry
 from daemon.calls import StoredEvent
 from daemon.db import DatabaseHealth, UnreadableJson, decode_json
 from daemon.errors import DeliveryError, Retryable
-from daemon.guards import Guards, LocalRateLimit
-from daemon.integrations.base import Adapter, Delivered, DeliveryContext, Outcome
+from daemon.guards import Guards, LocalRateLimit, RequestGate
+from daemon.integrations.base import (
+    Adapter,
+    Deferred,
+    Delivered,
+    DeliveryContext,
+    Outcome,
+)
 from daemon.logs import LogRow, OutcomeWriter, Settlement, mask
 from daemon.metrics import Metrics
+from daemon.ownership import Ownership, OwnershipLapsed
 from daemon.retry import Decision, Policy, decide
 
 log = structlog.get_logger(__name__)
@@ -70,6 +82,8 @@ CLAIM_BATCH = 100
 RECHECK_MARGIN_S = 0.005
 # An attempt starts only if its lease outlives the attempt by this much.
 LEASE_MARGIN_S = 1.0
+# Within an attempt, a request waiting for the rate window may leave only this early.
+REQUEST_START_SHARE = 0.5
 STATS_INTERVAL_S = 5.0
 # Wake-ups remembered for scheduled retries (beyond that, the poll finds them).
 MAX_RETRY_WAKES = 10_000
@@ -81,7 +95,8 @@ DATABASE_UNAVAILABLE = "database_unavailable"
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
-    """One claimed delivery with its event."""
+    """One claimed delivery with its event; ``progress`` collects the steps this attempt
+    finishes (shared with its ``DeliveryContext``, kept even when the attempt is cut)."""
 
     event: StoredEvent
     enterprise: str
@@ -90,6 +105,16 @@ class Claimed:
     lease: str
     lease_deadline: float  # monotonic
     suspect: bool = False  # its lease expired twice or more without an outcome
+    steps_done: frozenset[str] = frozenset()
+    stored_s: float = 0.0  # the event's age at the claim
+    claimed_at: float = 0.0  # monotonic
+    progress: set[str] = field(default_factory=set)
+
+    def steps(self) -> str | None:
+        """Every step done so far, as ``SETTLE`` stores them (None: nothing new)."""
+        if not self.progress - self.steps_done:
+            return None
+        return ",".join(sorted(self.steps_done | self.progress))
 
 
 class Dispatcher:
@@ -103,6 +128,7 @@ class Dispatcher:
         guards: Guards,
         writer: OutcomeWriter,
         metrics: Metrics,
+        ownership: Ownership,
         *,
         instance_id: str,
         http: Any,
@@ -114,6 +140,7 @@ class Dispatcher:
         grace_s: float = 10.0,
         notify: bool = True,
         doorbell_window_s: float = 0.005,
+        takeover_s: float = 5.0,
         max_lease_expiries: int = 3,
         health: DatabaseHealth | None = None,
         rng: random.Random | None = None,
@@ -124,6 +151,7 @@ class Dispatcher:
         self._guards = guards
         self._writer = writer
         self._metrics = metrics
+        self._ownership = ownership
         self._instance_id = instance_id
         self._http = http
         self._policy = policy
@@ -134,6 +162,7 @@ class Dispatcher:
         self._grace_s = grace_s
         self._notify = notify
         self._recheck_after_s = doorbell_window_s + RECHECK_MARGIN_S
+        self._takeover_s = takeover_s
         self._max_lease_expiries = max_lease_expiries
         self._health = health or DatabaseHealth()
         self._claim_failures = 0
@@ -144,12 +173,13 @@ class Dispatcher:
         self._claim_no = itertools.count(1)
         self._inflight: dict[asyncio.Task[None], int] = {}  # task -> deliveries it carries
         self._inflight_count = 0
+        self._in_hand: Counter[str] = Counter()  # enterprise -> deliveries claimed, unsettled
         self._suspects = 0  # suspect attempts in flight (see the module docstring)
         self.finished = asyncio.Event()
         self.claimed_total = 0
         writer.on_settled(self.wake)
         self._outcomes = {outcome: metrics.deliveries.labels(outcome)
-                          for outcome in ("done", "skipped", "failed", "retried")}
+                          for outcome in ("done", "skipped", "failed", "retried", "deferred")}
         self._rejected = {reason: metrics.deliveries_rejected.labels(reason)
                           for reason in ("malformed", "poison", "attempts")}
 
@@ -226,14 +256,16 @@ class Dispatcher:
 
     async def _claim(self, limit: int) -> list[Claimed] | None:
         """Claim up to ``limit`` deliveries; None when the claim itself failed."""
-        held = set(self._cache.held()) | set(self._guards.blocked())
+        held = (set(self._cache.held()) | set(self._guards.blocked())
+                | set(self._ownership.excluded()))
         lease = f"{self._instance_id}:{next(self._claim_no)}"
         started = time.monotonic()
         try:
             rows = await store.claim(
                 self._pool, self._adapter.name, limit, held, self._lease_s, lease,
                 max_lease_expiries=self._max_lease_expiries,
-                max_attempts=self._policy.max_attempts,
+                max_attempts=self._policy.max_attempts, instance=self._instance_id,
+                ownership_s=self._ownership.ownership_s, takeover_s=self._takeover_s,
             )
         except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
             self._claim_failures += 1
@@ -259,6 +291,7 @@ class Dispatcher:
     def _claimed(self, row: Mapping[str, Any], lease: str, started: float) -> Claimed | None:
         """The claimed row as a ``Claimed``; None when its payload cannot be read (it is
         dead-lettered as ``malformed`` at once: no attempt could ever map it)."""
+        self._ownership.took(row["enterprise_number"], float(row["owner_s"]), started)
         try:
             payload = decode_json(row["payload"])
         except UnreadableJson as exc:
@@ -273,6 +306,8 @@ class Dispatcher:
             event=event, enterprise=row["enterprise_number"], attempt=row["attempts"],
             queued_at=row["queued_at"], lease=lease,
             lease_deadline=started + float(row["lease_s"]), suspect=row["suspect"],
+            steps_done=frozenset(row["steps_done"]), stored_s=float(row["stored_s"]),
+            claimed_at=started,
         )
 
     def _malformed(self, row: Mapping[str, Any], lease: str, reason: str) -> None:
@@ -322,7 +357,7 @@ class Dispatcher:
         if entry is None or entry.config is None:
             return None
         try:
-            return self._adapter.batch_key(item.event, entry.config)
+            return self._adapter.batch_key(item.event, entry.config, item.steps_done)
         except Exception:  # an adapter bug must not stop the loop: that row goes alone
             self._metrics.bug_errors.inc()
             log.exception("adapter_bug", event_type=item.event.event_type, where="batch_key")
@@ -332,18 +367,27 @@ class Dispatcher:
         task = asyncio.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
         self._inflight[task] = len(group)
         self._inflight_count += len(group)
+        self._in_hand[group[0].enterprise] += len(group)
         self._metrics.inflight.set(self._inflight_count)
+        task.add_done_callback(lambda done: self._done(done, group[0].enterprise))
         if any(item.suspect for item in group):
             self._suspects += 1
             task.add_done_callback(self._suspect_done)
-        task.add_done_callback(self._done)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Task[None], enterprise: str) -> None:
         was_full = self._inflight_count >= self._concurrency
-        self._inflight_count -= self._inflight.pop(task, 0)
+        count = self._inflight.pop(task, 0)
+        self._inflight_count -= count
+        self._in_hand[enterprise] -= count
+        if self._in_hand[enterprise] <= 0:
+            del self._in_hand[enterprise]
         self._metrics.inflight.set(self._inflight_count)
         if was_full:
             self._wake.set()  # capacity came back
+
+    def busy(self, enterprise: str) -> bool:
+        """Whether deliveries of ``enterprise`` are claimed and not yet settled here."""
+        return enterprise in self._in_hand
 
     def _suspect_done(self, _task: asyncio.Task[None]) -> None:
         self._suspects -= 1
@@ -409,6 +453,9 @@ class Dispatcher:
             if deadline - time.monotonic() < self._attempt_timeout_s + LEASE_MARGIN_S:
                 self._release(group, "lease too short to start")
                 return
+            if not self._ownership.may_send(enterprise, self._attempt_timeout_s):
+                self._release(group, "not (or no longer surely) this instance's enterprise")
+                return
             # Asked only once a slot is ours: the breaker may have opened while we queued.
             wait = self._guards.admit(enterprise)
             if wait is not None:
@@ -422,17 +469,36 @@ class Dispatcher:
             return entry
         return await self._cache.fetch(enterprise)
 
-    def _context(self, item: Claimed, entry: Entry) -> DeliveryContext:
+    def _context(self, item: Claimed, entry: Entry, gate: RequestGate) -> DeliveryContext:
         assert entry.config is not None
         return DeliveryContext(
             enterprise=item.enterprise, config=entry.config, event=item.event,
             attempt=item.attempt, http=self._http, timeout_s=self._attempt_timeout_s,
-            gate=self._guards.gate(item.enterprise, self._adapter.rate_class),
+            gate=self._owned_gate(item.enterprise, gate),
             load_call=lambda: self._load_call(item),
+            steps_done=item.steps_done, progress=item.progress, stored_s=item.stored_s,
+            claimed_at=item.claimed_at, on_exchange=gate.ended,
         )
 
+    def _owned_gate(self, enterprise: str, gate: RequestGate) -> Callable[[str], Awaitable[None]]:
+        """``gate``, refusing any request the enterprise's ownership might not outlive."""
+
+        async def before_request(path: str) -> None:
+            if not self._ownership.may_send(enterprise, self._attempt_timeout_s):
+                raise OwnershipLapsed("this instance's ownership of the enterprise may lapse "
+                                      "before the request ends: not sent",
+                                      error_id="ownership_lapsed")
+            await gate(path)
+
+        return before_request
+
     async def _run_adapter(self, group: list[Claimed], entry: Entry) -> None:
-        ctxs = [self._context(item, entry) for item in group]
+        # A request must leave in the first half of the attempt: one begun later could be
+        # cut by the attempt's timeout after the CRM took it (and be sent again).
+        gate = self._guards.gate(
+            group[0].enterprise, self._adapter.rate_class, self._attempt_timeout_s,
+            latest_start=time.monotonic() + self._attempt_timeout_s * REQUEST_START_SHARE)
+        ctxs = [self._context(item, entry, gate) for item in group]
         started = time.monotonic()
         results: Sequence[Outcome | BaseException]
         try:
@@ -456,6 +522,8 @@ class Dispatcher:
                 self._metrics.bug_errors.inc()
                 log.exception("adapter_bug", event_type=group[0].event.event_type)
                 results = [exc] * len(ctxs)
+        finally:
+            gate.close()  # a request cut by the timeout or a stop still counts a while
         elapsed = time.monotonic() - started
         self._metrics.attempt_seconds.observe(elapsed)
         for item, ctx, result in zip(group, ctxs, results, strict=True):
@@ -487,15 +555,24 @@ class Dispatcher:
     def _succeeded(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
                    outcome: Outcome, elapsed: float) -> None:
         self._guards.succeeded(item.enterprise)
+        # A skip or a deferral that sent nothing leaves no log row: its reason is on the
+        # delivery (a skip's) or nowhere worth a row (a deferral's).
+        said = outcome.detail if isinstance(outcome, Delivered) else outcome.reason
+        row = self._log_row(item, entry, ctx, ok=True, error=None, detail=said) if (
+            isinstance(outcome, Delivered) or ctx.exchanges) else None
+        if isinstance(outcome, Deferred):
+            self._schedule_wake(outcome.delay_s)
+            self._settle(Settlement(item.event.id, item.lease, "pending", attempts_delta=-1,
+                                    delay_s=max(0.0, outcome.delay_s), log=row,
+                                    steps=item.steps()))
+            self._outcomes["deferred"].inc()
+            return
         delivered = isinstance(outcome, Delivered)
         status = "done" if delivered else "skipped"
-        detail = mask(outcome.detail if isinstance(outcome, Delivered) else outcome.reason,
-                      _secrets(entry))
-        # A skip that sent nothing leaves no log row: its reason is on the delivery.
-        row = self._log_row(item, entry, ctx, ok=True, error=None) if (
-            delivered or ctx.exchanges) else None
+        detail = mask(said, _secrets(entry))
         self._settle(Settlement(item.event.id, item.lease, status,
-                                last_error=None if delivered else detail, log=row))
+                                last_error=None if delivered else detail, log=row,
+                                steps=item.steps()))
         self._outcomes[status].inc()
         # One line per success would cost more than the delivery itself at full speed; the
         # attempt is in integration_logs and the metrics. Failures are logged at info.
@@ -506,19 +583,25 @@ class Dispatcher:
 
     def _failed(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
                 error: BaseException, elapsed: float) -> None:
-        if isinstance(error, LocalRateLimit) and not ctx.exchanges:
-            # Our own limiter stopped it before anything was sent: not an attempt at all.
-            self._guards.throttle(item.enterprise, error.retry_after or 1.0)
-            self._release([item], "rate limit", delay_s=error.retry_after)
+        if isinstance(error, LocalRateLimit | OwnershipLapsed):
+            self._not_sent(item, entry, ctx, error)
             return
+        streak = 1
         if error_id(error) == DATABASE_UNAVAILABLE:
             pass  # not the CRM's doing: its breaker stays as it is
-        elif isinstance(error, Retryable) and not error.rate_limited:
+        elif isinstance(error, Retryable) and error.rate_limited:
+            streak = self._guards.rate_limited(item.enterprise)
+        elif isinstance(error, Retryable):
             self._guards.failed(item.enterprise)
         elif isinstance(error, DeliveryError):
             self._guards.succeeded(item.enterprise)  # a definite answer: the CRM is up
         age_s = (datetime.now(UTC) - item.queued_at).total_seconds()
-        decision = decide(error, item.attempt, age_s, self._policy, self._rng)
+        decision = decide(error, item.attempt, age_s, self._policy, self._rng,
+                          rate_limited_streak=streak)
+        if decision.action == "retry" and not decision.counted:
+            # The CRM said "slow down" to this key: none of its deliveries goes before this
+            # one's backoff (and Retry-After) has passed.
+            self._guards.throttle(item.enterprise, decision.delay_s)
         # A CRM may echo a credential in its error: the reason is masked before it is
         # stored, logged or shown anywhere.
         reason = mask(decision.reason, _secrets(entry))
@@ -532,28 +615,45 @@ class Dispatcher:
                  error=reason, retry_in_s=round(decision.delay_s, 2)
                  if decision.action == "retry" else None)
 
+    def _not_sent(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
+                  error: LocalRateLimit | OwnershipLapsed) -> None:
+        """One of our own guards stopped a request before it left: not an attempt at all.
+        Requests the attempt did send before are logged, and their steps kept."""
+        delay_s = error.retry_after
+        if isinstance(error, LocalRateLimit):
+            self._guards.throttle(item.enterprise, error.retry_after or 1.0)
+        if not ctx.exchanges:
+            self._release([item], error.error_id, delay_s=delay_s)
+            return
+        self._metrics.retries.labels("guard").inc()
+        self._schedule_wake(delay_s or 0.0)
+        row = self._log_row(item, entry, ctx, ok=False, error=mask(str(error), _secrets(entry)))
+        self._settle(Settlement(item.event.id, item.lease, "pending", attempts_delta=-1,
+                                delay_s=delay_s, log=row, steps=item.steps()))
+
     def _settlement(self, item: Claimed, decision: Decision, row: LogRow) -> Settlement:
         if decision.action == "fail":
             hold = (item.enterprise, "auth_failed", decision.reason) if decision.hold else None
             if hold:
                 log.warning("enterprise_needs_attention", reason=decision.reason)
             return Settlement(item.event.id, item.lease, "failed", last_error=decision.reason,
-                              log=row, hold=hold)
+                              log=row, hold=hold, steps=item.steps())
         self._metrics.retries.labels("rate_limited" if not decision.counted else "error").inc()
         self._schedule_wake(decision.delay_s)
         return Settlement(
             item.event.id, item.lease, "pending", attempts_delta=0 if decision.counted else -1,
-            delay_s=decision.delay_s, last_error=decision.reason, log=row,
+            delay_s=decision.delay_s, last_error=decision.reason, log=row, steps=item.steps(),
         )
 
     def _release(self, group: list[Claimed], reason: str, delay_s: float | None = None) -> None:
-        """Give deliveries back without counting an attempt (a guard said "not now")."""
+        """Give deliveries back without counting an attempt (a guard said "not now"); steps
+        an interrupted attempt finished are kept."""
         self._metrics.retries.labels("guard").inc(len(group))
         if delay_s is not None:
             self._schedule_wake(delay_s)
         for item in group:
             self._settle(Settlement(item.event.id, item.lease, "pending", attempts_delta=-1,
-                                    delay_s=delay_s, last_error=None))
+                                    delay_s=delay_s, last_error=None, steps=item.steps()))
         log.debug("delivery_released", reason=reason, count=len(group))
 
     def _schedule_wake(self, delay_s: float) -> None:
@@ -564,15 +664,19 @@ class Dispatcher:
         self._writer.put(settlement)
 
     def _log_row(self, item: Claimed, entry: Entry, ctx: DeliveryContext, *,
-                 ok: bool, error: str | None) -> LogRow:
+                 ok: bool, error: str | None, detail: str = "") -> LogRow:
         secrets = _secrets(entry)
         exchanges = [
             {"method": x.method, "path": x.path, "request": x.request,
              "status": x.status, "duration_ms": round(x.duration_s * 1000, 1)}
             for x in ctx.exchanges
         ]
-        request = {"unique_id": item.event.unique_id, "event_id": item.event.id,
-                   "attempt": item.attempt, "requests": exchanges}
+        request: dict[str, Any] = {"unique_id": item.event.unique_id, "event_id": item.event.id,
+                                   "attempt": item.attempt, "requests": exchanges}
+        if detail:
+            request["outcome"] = detail
+        if ctx.progress:
+            request["steps_done"] = sorted(ctx.progress)
         response = [{"path": x.path, "status": x.status, "body": x.response}
                     for x in ctx.exchanges]
         return LogRow(
@@ -607,6 +711,7 @@ class Dispatcher:
             "in_flight": self._inflight_count, "concurrency": self._concurrency,
             "claimed_total": self.claimed_total, "notify": self._notify,
             "poll_interval_s": self._poll_interval_s, "fenced_outcomes": self._writer.fenced,
+            "ownership": self._ownership.stats(),
         }
 
 

@@ -1,14 +1,19 @@
 """Per-enterprise guards around a CRM: request rate, concurrency, and a circuit breaker.
 
-One enterprise = one CRM API key, so every guard is keyed by enterprise number.
+One enterprise = one CRM API key, so every guard is keyed by enterprise number. The process
+that owns an enterprise (``daemon.ownership``) is the only one sending for it, so what is
+counted here is what the CRM counts.
 
-* **Rate** — a sliding-window limiter per (enterprise, rate class): at most N requests in
-  any window of one second, N from the adapter's ``rate_limits`` (RetailCRM: 10/s, 40/s
-  under ``/telephony``). A token bucket with a burst of N would let 2N through in one
-  window, and RetailCRM counts windows; so each request reserves the earliest instant that
-  keeps the window at N and sleeps until then. A reservation further away than
-  ``max_wait_s`` is not made: the caller gets ``Retryable(rate_limited=True)`` and the
-  delivery is rescheduled without losing an attempt.
+* **Rate** — at most N requests per (enterprise, rate class) in any window of one second,
+  N from the adapter's ``rate_limits`` (RetailCRM: 10/s, 40/s under ``/telephony``),
+  counted as the CRM counts them, at arrival (``daemon.ratewindow``: a request leaves only
+  when the one N before it was answered a window ago). A turn further away than
+  ``max_wait_s`` is not waited for: the caller gets ``LocalRateLimit`` and the delivery is
+  rescheduled without losing an attempt.
+* **Adaptive rate** — an answer saying "slow down" (RetailCRM: 503) halves the enterprise's
+  rate (at least one request per second per class) and counts a streak the retry policy
+  backs off from; every success doubles the rate back, up to the limit, and ends the streak.
+  A streak of ``RATE_STORM_THRESHOLD`` opens the breaker, as an outage does.
 * **Concurrency** — at most ``per_enterprise`` attempts in flight per enterprise.
 * **Breaker** — opens after ``threshold`` consecutive transient failures; while open, the
   dispatcher does not claim the enterprise's deliveries (``blocked``); after a cool-down that
@@ -21,23 +26,24 @@ Time comes from an injectable clock, so every rule is tested without sleeping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import structlog
 
 from daemon.errors import Retryable
+from daemon.integrations.base import Exchange
 from daemon.metrics import Metrics
+from daemon.ratewindow import Request, SlidingWindow
 
 log = structlog.get_logger(__name__)
 
-WINDOW_S = 1.0
-# A late wake-up or network jitter can bring two requests closer together at the CRM than
-# they were planned here: plan windows this much longer.
-WINDOW_MARGIN_S = 0.05
+MIN_RATE_FACTOR = 1 / 32  # and never below one request per window (SlidingWindow.scale)
+RATE_STORM_THRESHOLD = 8
 BREAKER_THRESHOLD = 5
 BREAKER_COOLDOWN_S = 2.0
 BREAKER_MAX_COOLDOWN_S = 120.0
@@ -49,52 +55,6 @@ Clock = Callable[[], float]
 
 class LocalRateLimit(Retryable):
     """Our own limiter refused a request (nothing was sent): reschedule, don't count."""
-
-
-class SlidingWindow:
-    """At most ``limit`` reservations in any ``window_s``; reservations are never reordered."""
-
-    def __init__(self, limit: int, window_s: float = WINDOW_S + WINDOW_MARGIN_S) -> None:
-        self.limit = max(1, limit)
-        self.window_s = window_s
-        self._times: deque[float] = deque()
-        self._sent: deque[float] = deque(maxlen=self.limit)
-
-    def wait_to_send(self, now: float) -> float:
-        """Seconds still to wait so that the request about to leave keeps the window of the
-        *actual* send times (a reservation woken late must not crowd the next ones)."""
-        _forget(self._sent, now - self.window_s)
-        if len(self._sent) < self.limit:
-            return 0.0
-        return max(0.0, self._sent[0] + self.window_s - now)
-
-    def sent(self, now: float) -> None:
-        """Record that a request left at ``now``."""
-        self._sent.append(now)
-
-    def next_free(self, now: float) -> float:
-        """The earliest instant (>= now) a new request could go."""
-        times = self._times
-        _forget(times, now - self.window_s)
-        # Fewer than ``limit`` reservations in the window ending now: now is free.
-        return now if len(times) < self.limit else max(now, times[0] + self.window_s)
-
-    def reserve(self, now: float, max_wait_s: float) -> float | None:
-        """The instant this request may go (>= now), reserved; None if later than allowed."""
-        at = self.next_free(now)
-        if at - now > max_wait_s:
-            return None
-        if len(self._times) >= self.limit:
-            self._times.popleft()
-        self._times.append(at)
-        return at
-
-
-def _forget(times: deque[float], before: float) -> None:
-    """Drop the instants at or before ``before`` (sorted deque): they no longer count, and a
-    high limit must not keep that many timestamps per enterprise."""
-    while times and times[0] <= before:
-        times.popleft()
 
 
 class BreakerState(IntEnum):
@@ -176,48 +136,112 @@ class Guards:
         self._slots: dict[str, _Slots] = {}
         self._breakers: dict[str, Breaker] = {}
         self._throttled: dict[str, float] = {}  # enterprise -> until (its rate window is full)
+        self._factors: dict[str, float] = {}  # enterprise -> share of its rate (absent: 1)
+        self._streaks: dict[str, int] = {}  # enterprise -> consecutive "slow down" answers
 
     # ------------------------------------------------------------------ rate
 
-    async def acquire(self, enterprise: str, rate_class: str) -> None:
-        """Wait for this request's turn; ``Retryable(rate_limited)`` if it is too far away."""
+    def _window(self, enterprise: str, rate_class: str) -> SlidingWindow:
         key = (enterprise, rate_class)
         window = self._windows.get(key)
         if window is None:
             limit = self.rate_limits.get(rate_class, self.rate_limits.get("default", 10.0))
             window = self._windows[key] = SlidingWindow(int(limit))
+            window.scale(self._factors.get(enterprise, 1.0))
+        return window
+
+    async def acquire(self, enterprise: str, rate_class: str, timeout_s: float,
+                      latest_start: float | None = None) -> Request:
+        """Wait for this request's turn and count it as leaving; ``LocalRateLimit`` if the
+        turn is too far away (more than ``max_wait_s``, or past ``latest_start``: a request
+        begun too late in its attempt would be cut, and maybe delivered twice). The caller
+        reports the end with ``ended`` (``RequestGate`` does both)."""
+        window = self._window(enterprise, rate_class)
         now = self._clock()
-        at = window.reserve(now, self.max_wait_s)
+        max_wait_s = self.max_wait_s if latest_start is None else min(
+            self.max_wait_s, latest_start - now)
+        at = window.reserve(now, max_wait_s)
         if at is None:
             self._metrics.rate_limited_rejects.inc()
             raise LocalRateLimit(
                 f"rate limit of {window.limit} requests/s reached", rate_limited=True,
-                retry_after=window.next_free(now) - now,
+                retry_after=max(0.1, window.next_free(now) - now),
                 error_id="rate_limited_locally",
             )
+        waited = False
         if at > now:
-            self._metrics.rate_limited_waits.inc()
+            waited = True
             await asyncio.sleep(at - now)
-        for _ in range(window.limit):  # others may leave while we sleep: look again
-            late = window.wait_to_send(self._clock())
-            if late <= 0:
-                break
-            await asyncio.sleep(late)
-        window.sent(self._clock())
+        while (blocker := window.blocked_by(self._clock())) is not None:
+            waited = True
+            if isinstance(blocker, Request):
+                blocker.ended = blocker.ended or asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, blocker.latest - self._clock())):
+                        await blocker.ended.wait()
+            else:
+                await asyncio.sleep(blocker)
+        if waited:
+            self._metrics.rate_limited_waits.inc()
+            if latest_start is not None and self._clock() > latest_start:
+                self._metrics.rate_limited_rejects.inc()
+                raise LocalRateLimit("the rate limit left no time for the request in this "
+                                     "attempt", rate_limited=True, retry_after=0.1,
+                                     error_id="rate_limited_locally")
+        return window.started(self._clock(), timeout_s)
+
+    def ended(self, enterprise: str, rate_class: str, request: Request, answered: bool) -> None:
+        """``request`` (from ``acquire``) is over, answered or not."""
+        self._window(enterprise, rate_class).ended(request, self._clock(), answered)
 
     def gate(
-        self, enterprise: str, classify: Callable[[str], str]
-    ) -> Callable[[str], Awaitable[None]]:
-        """The per-request hook an adapter's client calls with each request path."""
-
-        async def before_request(path: str) -> None:
-            await self.acquire(enterprise, classify(path))
-
-        return before_request
+        self, enterprise: str, classify: Callable[[str], str], timeout_s: float,
+        latest_start: float | None = None,
+    ) -> RequestGate:
+        """The per-attempt hook an adapter's client calls with each request path; no
+        request leaves after ``latest_start`` (monotonic)."""
+        return RequestGate(self, enterprise, classify, timeout_s, latest_start)
 
     def throttle(self, enterprise: str, seconds: float) -> None:
-        """Leave ``enterprise`` out of claims for ``seconds`` (its rate window is full)."""
-        self._throttled[enterprise] = self._clock() + seconds
+        """Leave ``enterprise`` out of claims for ``seconds`` (its rate window is full, or
+        the CRM asked to slow down)."""
+        until = self._clock() + seconds
+        self._throttled[enterprise] = max(until, self._throttled.get(enterprise, 0.0))
+
+    def rate_limited(self, enterprise: str) -> int:
+        """The CRM answered "slow down": halve the enterprise's rate, count the streak (a
+        long one opens the breaker) and return it (1 for the first such answer)."""
+        streak = self._streaks.get(enterprise, 0) + 1
+        self._streaks[enterprise] = streak
+        if streak == 1:
+            log.warning("crm_rate_limited", enterprise=enterprise)
+        self._set_factor(enterprise, self._factors.get(enterprise, 1.0) / 2)
+        breaker = self._breakers.get(enterprise)
+        if breaker is not None and breaker.state is BreakerState.HALF_OPEN:
+            self.failed(enterprise)  # the probe was told to slow down: still not well
+        elif streak >= RATE_STORM_THRESHOLD and (
+                breaker is None or breaker.state is BreakerState.CLOSED):
+            breaker = self._breaker(enterprise)
+            breaker.failures = streak
+            self._open(enterprise, breaker, self._clock())
+        return streak
+
+    def _set_factor(self, enterprise: str, factor: float) -> None:
+        factor = min(1.0, max(factor, MIN_RATE_FACTOR))
+        if factor >= 1.0:
+            if self._factors.pop(enterprise, None) is None:
+                return
+            log.info("crm_rate_restored", enterprise=enterprise)
+        else:
+            self._factors[enterprise] = factor
+        self._metrics.rate_factor.labels(enterprise).set(factor)
+        for (owner, _class), window in self._windows.items():
+            if owner == enterprise:
+                window.scale(factor)
+
+    def rate_factor(self, enterprise: str) -> float:
+        """The share of its full rate the enterprise runs at now (1: all of it)."""
+        return self._factors.get(enterprise, 1.0)
 
     # ------------------------------------------------------------------ concurrency
 
@@ -284,7 +308,12 @@ class Guards:
         return max(breaker.open_until - now, 0.5)
 
     def succeeded(self, enterprise: str) -> None:
-        """The CRM answered (any definite answer, even a refusal): close the breaker."""
+        """The CRM answered (any definite answer, even a refusal): close the breaker, end a
+        "slow down" streak and double the rate back towards the full one."""
+        self._streaks.pop(enterprise, None)
+        factor = self._factors.get(enterprise)
+        if factor is not None:
+            self._set_factor(enterprise, factor * 2)
         breaker = self._breakers.pop(enterprise, None)
         if breaker is not None and breaker.state is not BreakerState.CLOSED:
             log.info("breaker_closed", enterprise=enterprise)
@@ -337,5 +366,42 @@ class Guards:
             },
             "busy_enterprises": {e: s.in_flight for e, s in self._slots.items()},
             "rate_limits": self.rate_limits,
+            "lowered_rates": {e: round(f, 3) for e, f in self._factors.items()},
             "per_enterprise": self.per_enterprise,
         }
+
+
+class RequestGate:
+    """One attempt's gate (``DeliveryContext.gate``): awaited before each request, told by
+    ``ended`` (``DeliveryContext.on_exchange``) when each is over; ``close`` ends whatever
+    the attempt left unanswered (a cancelled request). Requests end in the order they left:
+    an adapter's client sends one at a time."""
+
+    __slots__ = ("_classify", "_enterprise", "_guards", "_latest_start", "_open", "_timeout_s")
+
+    def __init__(self, guards: Guards, enterprise: str, classify: Callable[[str], str],
+                 timeout_s: float, latest_start: float | None = None) -> None:
+        self._guards = guards
+        self._enterprise = enterprise
+        self._classify = classify
+        self._timeout_s = timeout_s
+        self._latest_start = latest_start
+        self._open: deque[tuple[str, Request]] = deque()
+
+    async def __call__(self, path: str) -> None:
+        rate_class = self._classify(path)
+        request = await self._guards.acquire(self._enterprise, rate_class, self._timeout_s,
+                                             self._latest_start)
+        self._open.append((rate_class, request))
+
+    def ended(self, exchange: Exchange | None = None) -> None:
+        """The oldest request still open is over (answered when ``exchange`` has a status)."""
+        if self._open:
+            rate_class, request = self._open.popleft()
+            answered = exchange is not None and exchange.status is not None
+            self._guards.ended(self._enterprise, rate_class, request, answered)
+
+    def close(self) -> None:
+        """End every request still open, as unanswered."""
+        while self._open:
+            self.ended()

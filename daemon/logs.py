@@ -89,6 +89,7 @@ class Settlement:
     the attempt counted at claim time (an attempt not made, or one that must not count).
     ``delay_s`` None keeps ``next_attempt_at``. ``log`` is the integration_logs row, or
     None when nothing was attempted. ``hold`` puts a hold (reason, detail) on the enterprise.
+    ``steps`` is every step of the delivery done so far, comma-joined (None keeps them).
     """
 
     event_id: int
@@ -99,6 +100,7 @@ class Settlement:
     last_error: str | None = None
     log: LogRow | None = None
     hold: tuple[str, str, str] | None = None  # (enterprise, reason, detail)
+    steps: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +220,7 @@ class OutcomeWriter:
             [r.enterprise for r in rows], [r.event_type for r in rows],
             [_json(r.request) for r in rows], [_json(r.response) for r in rows],
             ["success" if r.ok else "error" for r in rows], [r.error for r in rows],
+            [s.steps for s in batch],
         )
         if not holds:  # the usual batch: one statement, one round trip
             settled = await self._pool.fetch(*args)

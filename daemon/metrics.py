@@ -177,6 +177,25 @@ class Metrics:
             "crm_bridge_rate_limited_rejects_total",
             "Deliveries rescheduled because the token bucket would wait too long.", registry=r,
         )
+        self.rate_factor = Gauge(
+            "crm_bridge_rate_factor",
+            "Share of its full request rate an enterprise runs at after the CRM asked to slow "
+            "down (1: all of it).", ["enterprise"], registry=r,
+        )
+        # --- ownership
+        self.owned_enterprises = Gauge(
+            "crm_bridge_owned_enterprises",
+            "Enterprises this instance serves (their ownership lease is held).", registry=r,
+        )
+        self.ownership_changes = Counter(
+            "crm_bridge_ownership_changes_total",
+            "Enterprises taken, handed over, or lost (lease lapsed) by this instance.",
+            ["change"], registry=r,
+        )
+        self.ownership_renewals_failed = Counter(
+            "crm_bridge_ownership_renewals_failed_total",
+            "Heartbeats that could not renew this instance's ownership leases.", registry=r,
+        )
         self.held_enterprises = Gauge(
             "crm_bridge_held_enterprises",
             "Enterprises whose deliveries wait, by reason.", ["reason"], registry=r,

@@ -2,10 +2,10 @@
 
 ``build`` is the composition root's one place of construction (no singletons; set-up and
 teardown in pairs): pool, HTTP sessions (one for the CRM, one for the PBX), metrics
-registry, crypto, adapter, config cache, listener, dispatcher, log writers, the journal's
-live feed, the PBX client, the click-to-call throttle and smart redirect. Each is set up
-with its teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime through
-``RUNTIME``; an adapter's callback routes get only ``callback_deps``
+registry, crypto, adapter, config cache, listener, ownership, dispatcher, log writers, the
+journal's live feed, the PBX client, the click-to-call throttle and smart redirect. Each is
+set up with its teardown pushed onto one ``AsyncExitStack``. web/ reaches the Runtime
+through ``RUNTIME``; an adapter's callback routes get only ``callback_deps``
 (``integrations/base.py``).
 """
 
@@ -37,6 +37,7 @@ from daemon.listener import Listener
 from daemon.logs import OutcomeWriter
 from daemon.metrics import Metrics
 from daemon.migrate import find_sql_dir, load_migrations
+from daemon.ownership import BEATS_PER_LEASE, Ownership
 from daemon.pbx import Pbx
 from daemon.pbx import new_session as pbx_session
 from daemon.redirect import SmartRedirect
@@ -65,6 +66,7 @@ class Runtime:
     cache: ConfigCache
     guards: Guards
     writer: OutcomeWriter
+    ownership: Ownership
     dispatcher: Dispatcher
     listener: Listener | None
     health: DatabaseHealth
@@ -138,18 +140,23 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         guards = Guards({**adapter.rate_limits, **dict(settings.rate_limits)},
                         settings.enterprise_concurrency, metrics)
         writer = OutcomeWriter(pool, adapter.name, metrics, health=health)
+        ownership = Ownership(pool, adapter.name, settings.instance_id, metrics,
+                              ownership_s=settings.ownership_s, health=health)
         doorbell_window_s = await store.doorbell_window_s(pool)
         dispatcher = Dispatcher(
-            pool, adapter, cache, guards, writer, metrics, instance_id=settings.instance_id,
-            http=http,
+            pool, adapter, cache, guards, writer, metrics, ownership,
+            instance_id=settings.instance_id, http=http,
             policy=Policy(settings.max_attempts, settings.max_age_s, settings.retry_base_s,
                           settings.retry_max_s),
             concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
             attempt_timeout_s=settings.attempt_timeout_s, lease_s=settings.lease_s,
             grace_s=settings.shutdown_grace_s, notify=settings.notify,
             doorbell_window_s=doorbell_window_s,
+            takeover_s=max(2 * settings.poll_interval_s,
+                           settings.ownership_s / BEATS_PER_LEASE),
             max_lease_expiries=settings.max_lease_expiries, health=health,
         )
+        ownership.busy = dispatcher.busy
         feed = JournalFeed(pool, adapter.name, metrics, doorbell_window_s=doorbell_window_s,
                            health=health)
         writer.on_written(feed.settled)
@@ -170,7 +177,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         runtime = Runtime(
             settings=settings, pool=pool, http=http, metrics=metrics, crypto=crypto,
             adapter=adapter, supervisor=supervisor, cache=cache, guards=guards, writer=writer,
-            dispatcher=dispatcher, listener=listener, health=health,
+            ownership=ownership, dispatcher=dispatcher, listener=listener, health=health,
             migrations=frozenset(m.version for m in
                                  load_migrations(find_sql_dir(settings.sql_dir))),
             feed=feed, pbx=pbx, make_call_throttle=Throttle(settings.make_call_rate),
@@ -182,6 +189,8 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
             stack.push_async_callback(listener.close)
             await listener.open()  # LISTEN first: then the startup load is the first catch-up
         await cache.refresh_all("startup")
+        await ownership.beat()  # alive before the first claim: enterprises hash to us
+        stack.push_async_callback(ownership.retire)
         stack.push_async_callback(supervisor.cancel_all)
         _start_tasks(runtime)
         yield runtime
@@ -221,6 +230,7 @@ def _start_tasks(rt: Runtime) -> None:
     if rt.listener is not None:
         spawn("listener", rt.listener.run(stopping))
     spawn("config-refresher", rt.cache.run_refresher(stopping))
+    spawn("ownership", rt.ownership.run(stopping))
     spawn("dispatcher", rt.dispatcher.run(stopping))
     spawn("outcome-writer", rt.writer.run(rt.dispatcher.finished))
     spawn("audit-log", rt.audit.run(stopping))

@@ -59,6 +59,8 @@ class Settings:
     poll_interval_s: float = 1.0
     attempt_timeout_s: float = 3.0
     lease_s: float = 30.0
+    ownership_s: float = 15.0
+    upload_settle_s: float = 3.0
     concurrency: int = 200
     enterprise_concurrency: int = 4
     max_attempts: int = 12
@@ -99,12 +101,14 @@ class Settings:
 
     def adapter_settings(self) -> dict[str, Any]:
         """What an adapter reads from ``AdapterDeps.settings``: its module's identity, where
-        it may connect (``allow_private_crm``) and how much of an answer it may read."""
+        it may connect (``allow_private_crm``), how much of an answer it may read, and how
+        long a hangup's upload waits for the rest of its call (``upload_settle_s``)."""
         return {
             "retailcrm_module_code": self.retailcrm_module_code,
             "retailcrm_module_name": self.retailcrm_module_name,
             "allow_private_crm": self.allow_private_crm,
             "max_response_bytes": self.max_response_bytes,
+            "upload_settle_s": self.upload_settle_s,
         }
 
 
@@ -150,6 +154,16 @@ def _positive_float(raw: str) -> float:
         raise ValueError(f"expected a number, got {raw!r}") from None
     if not value > 0:
         raise ValueError("must be greater than 0")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be a finite number, 0 or more")
     return value
 
 
@@ -278,7 +292,8 @@ _FIELDS: tuple[_Field, ...] = (
            "`1` = development mode: secrets kept in the checkout's `.pgdata/dev.env` "
            "(`make run`; never in production)"),
     _Field("instance_id", _str,
-           "this instance's name in leases, `/health` and `/stats` (unset: host name-pid)"),
+           "this instance's name in leases, `/health` and `/stats` (unset: host name-pid); "
+           "unique per running process — fixed per unit, a restart keeps its enterprises"),
     _Field("db_pool_min", _int, "database pool size floor"),
     _Field("db_pool_max", _int, "database pool size ceiling (at least 2)"),
     _Field("db_command_timeout_s", _positive_float, "timeout of every SQL command, seconds"),
@@ -287,6 +302,13 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("attempt_timeout_s", _positive_float, "hard limit of one delivery attempt, seconds"),
     _Field("lease_s", _positive_float,
            "claim lease, seconds; at least twice `CRM_BRIDGE_ATTEMPT_TIMEOUT_S`"),
+    _Field("ownership_s", _positive_float,
+           "how long an instance's hold on the enterprises it serves lasts, seconds; renewed "
+           "every third of it while the instance lives, so a dead instance's enterprises are "
+           "served again within it; at least twice `CRM_BRIDGE_ATTEMPT_TIMEOUT_S` plus 2"),
+    _Field("upload_settle_s", _non_negative_float,
+           "seconds a hangup's history upload waits after the hangup is stored, to fold in "
+           "the call's late events (its popup does not wait); 0: no wait"),
     _Field("concurrency", _int, "deliveries in flight per process"),
     _Field("enterprise_concurrency", _int, "deliveries in flight per enterprise"),
     _Field("max_attempts", _int, "attempts before a delivery fails (dead letter)"),
@@ -399,6 +421,12 @@ def _finish(values: dict[str, Any], dev_mode: bool, generated: tuple[str, ...]) 
         raise SettingsError(
             PREFIX + "LEASE_S",
             f"must be at least twice CRM_BRIDGE_ATTEMPT_TIMEOUT_S ({settings.attempt_timeout_s})",
+        )
+    if settings.ownership_s < 2 * settings.attempt_timeout_s + 2:
+        raise SettingsError(
+            PREFIX + "OWNERSHIP_S",
+            "must be at least twice CRM_BRIDGE_ATTEMPT_TIMEOUT_S plus 2 seconds "
+            f"({2 * settings.attempt_timeout_s + 2:g})",
         )
     if settings.db_pool_max < max(settings.db_pool_min, 2):
         raise SettingsError(PREFIX + "DB_POOL_MAX", "must be >= 2 and >= CRM_BRIDGE_DB_POOL_MIN")

@@ -294,18 +294,47 @@ async def insert_event(
 # is not poisoned by company. (After one expiry, the common case of a process killed with a
 # batch in flight, deliveries are claimed together as usual.)
 # The payload comes as text, decoded row by row by the dispatcher (see daemon/db.py).
+#
+# Only enterprises this instance owns are claimed (crm_owners, sql/005): those whose live
+# ownership row names it, and free ones (no live row) it takes in the same statement — if
+# it is the live instance the enterprise hashes to, or whoever comes once the work has
+# waited $10 s for that one. Two instances taking one enterprise at once meet on its
+# crm_owners row: one wins, the other's rows of it are left alone. ``owner_s`` is how long
+# the ownership lasts from the statement's start; ``stored_s`` how old the event is.
+#
+# $1 integration, $2 limit, $3 enterprises to skip, $4 lease s, $5 lease tag,
+# $6 lease expiries before poison, $7 max attempts, $8 instance id, $9 ownership s,
+# $10 takeover s.
 CLAIM = """
 WITH due AS (
-    SELECT d.event_id, d.locked_until IS NOT NULL AS reclaimed,
+    SELECT d.event_id, d.enterprise_number, d.locked_until IS NOT NULL AS reclaimed,
            d.locked_until IS NOT NULL AND d.lease_expiries >= 1 AS suspect,
            CASE WHEN d.locked_until IS NOT NULL AND d.lease_expiries + 1 >= $6 THEN 'poison'
-                WHEN d.attempts >= $7 THEN 'attempts' END AS dead
+                WHEN d.attempts >= $7 THEN 'attempts' END AS dead,
+           o.owner IS NOT NULL AS owned,
+           extract(epoch FROM o.until - now())::float8 AS owner_s
       FROM crm_deliveries d
+      -- A lateral lookup per candidate, not a join the planner could turn into a hash join:
+      -- that would read every due row before the LIMIT instead of stopping at it.
+      LEFT JOIN LATERAL (
+             SELECT o.owner, o.until FROM crm_owners o
+              WHERE o.integration_type = d.integration_type
+                AND o.enterprise_number = d.enterprise_number
+                AND o.until >= now()
+              LIMIT 1) o ON true
      WHERE d.integration_type = $1
        AND d.status = 'pending'
        AND d.next_attempt_at <= now()
        AND (d.locked_until IS NULL OR d.locked_until < now())
        AND d.enterprise_number <> ALL ($3::text[])
+       AND CASE WHEN o.owner IS NOT NULL THEN o.owner = $8
+                WHEN d.next_attempt_at < now() - make_interval(secs => $10) THEN true
+                ELSE $8 = (SELECT i.instance_id FROM crm_instances i
+                            WHERE i.integration_type = $1 AND i.alive_until >= now()
+                            ORDER BY hashtext(d.enterprise_number || '/' || i.instance_id) DESC,
+                                     i.instance_id
+                            LIMIT 1)
+           END
        AND NOT EXISTS (
                SELECT 1 FROM crm_deliveries p
                 WHERE p.integration_type = d.integration_type
@@ -315,13 +344,31 @@ WITH due AS (
                   AND p.event_id < d.event_id)
      ORDER BY d.next_attempt_at, d.event_id
      LIMIT $2
-       FOR UPDATE SKIP LOCKED
+       FOR UPDATE OF d SKIP LOCKED
 ), picked AS (
     SELECT due.* FROM due
      WHERE due.dead IS NOT NULL
         OR due.event_id = coalesce(
                (SELECT min(s.event_id) FROM due s WHERE s.suspect AND s.dead IS NULL),
                due.event_id)
+), owning AS (
+    INSERT INTO crm_owners AS o (integration_type, enterprise_number, owner, until)
+    SELECT DISTINCT $1, p.enterprise_number, $8, now() + make_interval(secs => $9)
+      FROM picked p
+     WHERE NOT p.owned AND p.dead IS NULL
+     ORDER BY 2
+        ON CONFLICT (integration_type, enterprise_number) DO UPDATE
+       SET owner = EXCLUDED.owner, until = EXCLUDED.until
+     WHERE o.until < now()
+ RETURNING o.enterprise_number
+), claimable AS (
+    SELECT p.event_id, p.reclaimed, p.suspect, p.dead, p.owner_s
+      FROM picked p
+     WHERE p.owned OR p.dead IS NOT NULL
+     UNION ALL
+    SELECT p.event_id, p.reclaimed, p.suspect, p.dead, $9::float8
+      FROM picked p JOIN owning ON owning.enterprise_number = p.enterprise_number
+     WHERE NOT p.owned AND p.dead IS NULL
 ), taken AS (
     UPDATE crm_deliveries d
        SET locked_until = CASE WHEN due.dead IS NULL
@@ -338,11 +385,10 @@ WITH due AS (
                    'attempts: gave up after %s attempts, the last one without an outcome',
                    d.attempts)
                ELSE d.last_error END
-      FROM picked due
+      FROM claimable due
      WHERE d.integration_type = $1 AND d.event_id = due.event_id
- RETURNING d.event_id, d.attempts, d.queued_at, due.reclaimed, due.suspect, due.dead,
-           d.last_error,
-           d.enterprise_number, d.unique_id,
+ RETURNING d.event_id, d.attempts, d.queued_at, d.steps_done, due.reclaimed, due.suspect,
+           due.dead, d.last_error, d.enterprise_number, d.unique_id, due.owner_s,
            extract(epoch FROM d.locked_until - now())::float8 AS lease_s
 ), logged AS (
     INSERT INTO integration_logs (enterprise_number, integration_type, event_type,
@@ -355,25 +401,28 @@ WITH due AS (
       JOIN crm_events e ON e.id = t.event_id
      WHERE t.dead IS NOT NULL
 )
-SELECT t.event_id, t.attempts, t.queued_at, t.reclaimed, t.suspect, t.lease_s, t.dead,
-       t.last_error,
-       e.enterprise_number, e.event_type, e.unique_id,
+SELECT t.event_id, t.attempts, t.queued_at, t.steps_done, t.reclaimed, t.suspect, t.lease_s,
+       t.owner_s, t.dead, t.last_error, e.enterprise_number, e.event_type, e.unique_id,
        CASE WHEN t.dead IS NULL THEN e.payload::text END AS payload,
-       e.record_url, e.origin, e.received_at
+       e.record_url, e.origin, e.received_at,
+       extract(epoch FROM now() - e.received_at)::float8 AS stored_s
   FROM taken t
   JOIN crm_events e ON e.id = t.event_id
  ORDER BY t.event_id
 """
 
+
 async def claim(
     db: Executor, integration: str, limit: int, held: Iterable[str], lease_s: float,
-    lease: str, *, max_lease_expiries: int, max_attempts: int,
+    lease: str, *, max_lease_expiries: int, max_attempts: int, instance: str,
+    ownership_s: float, takeover_s: float,
 ) -> list[asyncpg.Record]:
     """Claim up to ``limit`` due deliveries under ``lease`` (see ``CLAIM``): the rows taken,
-    and those the claim dead-lettered itself (``dead`` not None, no payload)."""
+    and those the claim dead-lettered itself (``dead`` not None, no payload). Only
+    enterprises ``instance`` owns or takes, for ``ownership_s``, are claimed."""
     rows: list[asyncpg.Record] = await db.fetch(
         CLAIM, integration, limit, sorted(held), lease_s, lease, max_lease_expiries,
-        max_attempts)
+        max_attempts, instance, ownership_s, takeover_s)
     return rows
 
 
@@ -381,13 +430,14 @@ async def claim(
 # transaction: a data-modifying CTE runs to completion whether or not its rows are read).
 # Each delivery's outcome is fenced by the lease it was claimed under (a row whose lease
 # another instance has taken over is left alone). status 'pending' reschedules: delay_s NULL
-# keeps next_attempt_at, attempts_delta -1 un-counts an attempt not made. The log arrays
+# keeps next_attempt_at, attempts_delta -1 un-counts an attempt not made. ``steps`` ($14)
+# is the delivery's steps done so far, comma-joined (NULL keeps them). The log arrays
 # ($8…$13) may be empty.
 SETTLE = """
 WITH o AS (
     SELECT * FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[], $6::float8[],
-                         $7::text[])
-        AS o(event_id, lease, status, attempts_delta, delay_s, last_error)
+                         $7::text[], $14::text[])
+        AS o(event_id, lease, status, attempts_delta, delay_s, last_error, steps)
 ), logged AS (
     INSERT INTO integration_logs (enterprise_number, integration_type, event_type,
                                   request_data, response_data, status, error_message)
@@ -402,6 +452,8 @@ UPDATE crm_deliveries d
        next_attempt_at = CASE WHEN o.delay_s IS NULL THEN d.next_attempt_at
                               ELSE now() + make_interval(secs => o.delay_s) END,
        last_error = coalesce(o.last_error, d.last_error),
+       steps_done = CASE WHEN o.steps IS NULL THEN d.steps_done
+                         ELSE string_to_array(o.steps, ',') END,
        delivered_at = CASE WHEN o.status = 'done' THEN now() ELSE d.delivered_at END,
        locked_until = NULL,
        locked_by = NULL
@@ -420,6 +472,80 @@ RETURNING d.event_id,
                  AND n.status = 'pending'
                  AND n.event_id > d.event_id) AS unblocks
 """
+
+# ------------------------------------------------------------------ ownership (sql/005)
+
+# One instance's heartbeat: it is alive for $3 s more, and every enterprise it owns is its
+# for $3 s more (rows locked in enterprise order, like the claim takes them: no deadlock
+# between the two). Returns the enterprises renewed, each with the live instance it hashes
+# to now (the claim's rule): one that hashes elsewhere is handed over. Instances gone for a
+# day are forgotten.
+HEARTBEAT = """
+WITH me AS (
+    INSERT INTO crm_instances (integration_type, instance_id, alive_until)
+    VALUES ($1, $2, now() + make_interval(secs => $3))
+        ON CONFLICT (integration_type, instance_id)
+        DO UPDATE SET alive_until = EXCLUDED.alive_until
+), gone AS (
+    DELETE FROM crm_instances
+     WHERE integration_type = $1 AND alive_until < now() - interval '1 day'
+), renewed AS (
+    UPDATE crm_owners o
+       SET until = now() + make_interval(secs => $3)
+      FROM (SELECT enterprise_number FROM crm_owners
+             WHERE integration_type = $1 AND owner = $2
+             ORDER BY enterprise_number
+               FOR UPDATE) mine
+     WHERE o.integration_type = $1 AND o.enterprise_number = mine.enterprise_number
+ RETURNING o.enterprise_number
+)
+SELECT r.enterprise_number,
+       (SELECT i.instance_id FROM crm_instances i
+         WHERE i.integration_type = $1 AND (i.alive_until >= now() OR i.instance_id = $2)
+         ORDER BY hashtext(r.enterprise_number || '/' || i.instance_id) DESC, i.instance_id
+         LIMIT 1) AS preferred
+  FROM renewed r
+"""
+
+# Hand enterprises over: nobody takes them for $4 s (the CRM's rate window, so the next
+# owner's first requests cannot share a window with this one's last).
+RELEASE_OWNERSHIP = """
+UPDATE crm_owners
+   SET owner = '', until = now() + make_interval(secs => $4)
+ WHERE integration_type = $1 AND owner = $2 AND enterprise_number = ANY ($3::text[])
+"""
+
+# A graceful stop: every enterprise handed over as above, and the instance gone.
+RETIRE_INSTANCE = """
+WITH released AS (
+    UPDATE crm_owners
+       SET owner = '', until = now() + make_interval(secs => $3)
+     WHERE integration_type = $1 AND owner = $2
+)
+DELETE FROM crm_instances WHERE integration_type = $1 AND instance_id = $2
+"""
+
+
+async def heartbeat(
+    db: Executor, integration: str, instance: str, ownership_s: float
+) -> list[tuple[str, str]]:
+    """Renew this instance and its enterprises (``HEARTBEAT``); (enterprise, the live
+    instance it hashes to) for each one renewed."""
+    rows = await db.fetch(HEARTBEAT, integration, instance, ownership_s)
+    return [(r["enterprise_number"], r["preferred"]) for r in rows]
+
+
+async def release_ownership(
+    db: Executor, integration: str, instance: str, enterprises: Iterable[str], quiet_s: float
+) -> None:
+    """Hand ``enterprises`` over (``RELEASE_OWNERSHIP``)."""
+    await db.execute(RELEASE_OWNERSHIP, integration, instance, sorted(enterprises), quiet_s)
+
+
+async def retire_instance(db: Executor, integration: str, instance: str, quiet_s: float) -> None:
+    """Hand every enterprise over and leave the live instances (``RETIRE_INSTANCE``)."""
+    await db.execute(RETIRE_INSTANCE, integration, instance, quiet_s)
+
 
 # The payload as text: decoded row by row (``call_events``), so one unreadable sibling
 # does not fail the others.
@@ -481,7 +607,8 @@ REPLAY = """
 WITH picked AS (
     UPDATE crm_deliveries d
        SET status = 'pending', attempts = 0, lease_expiries = 0, queued_at = now(),
-           next_attempt_at = now(), last_error = NULL, locked_until = NULL, locked_by = NULL
+           next_attempt_at = now(), last_error = NULL, locked_until = NULL, locked_by = NULL,
+           steps_done = '{}'
       FROM crm_events e
      WHERE e.id = d.event_id
        AND d.integration_type = $1
@@ -840,8 +967,9 @@ SELECT id, event_type, request_data, response_data, status, error_message, creat
 REPLAY_DELIVERIES = """
 WITH picked AS (
     UPDATE crm_deliveries d
-       SET status = 'pending', attempts = 0, queued_at = now(), next_attempt_at = now(),
-           last_error = NULL, locked_until = NULL, locked_by = NULL
+       SET status = 'pending', attempts = 0, lease_expiries = 0, queued_at = now(),
+           next_attempt_at = now(), last_error = NULL, locked_until = NULL, locked_by = NULL,
+           steps_done = '{}'
      WHERE d.integration_type = $1 AND d.enterprise_number = $2
        AND d.event_id = ANY ($3::bigint[])
        AND d.status IN ('failed', 'skipped')

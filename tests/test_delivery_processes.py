@@ -71,7 +71,8 @@ async def test_kill_9_mid_batch_then_restart_delivers_everything(
     numbers = await enterprises(pool, make_settings(integration=FAKE), upstream, 4)
     for number in numbers:
         upstream.slow_keys[f"key-{number}"] = 0.3  # attempts stay in flight a while
-    env = _env(database_url, CRM_BRIDGE_LEASE_S="4", CRM_BRIDGE_ATTEMPT_TIMEOUT_S="2")
+    env = _env(database_url, CRM_BRIDGE_LEASE_S="4", CRM_BRIDGE_ATTEMPT_TIMEOUT_S="2",
+               CRM_BRIDGE_OWNERSHIP_S="6")
     first = await start_process(env)
     await _insert_many(pool, numbers, 300)
     deadline = time.monotonic() + 30

@@ -24,7 +24,7 @@ async def _leased(pool: asyncpg.Pool) -> list[asyncpg.Record]:
     await insert_event(pool, "dial", dial(1))
     await insert_event(pool, "hangup", hangup(1))
     return await store.claim(pool, INTEGRATION, 10, [], 30.0, "i:1", max_lease_expiries=3,
-                             max_attempts=12)
+                             max_attempts=12, instance="i", ownership_s=15.0, takeover_s=0.0)
 
 
 async def _write(pool: asyncpg.Pool, *settlements: Settlement) -> tuple[OutcomeWriter, int]:

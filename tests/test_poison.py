@@ -22,6 +22,9 @@ from tests.test_delivery import FAST, settled, statuses
 DEEP = 3_000  # json.loads raises RecursionError past ~1,000 levels
 LONG_NUMBER = "9" * 5_000  # int() refuses more than 4,300 digits: ValueError
 
+# One instance, the only one: it takes every enterprise at once.
+OWNER = {"instance": "i", "ownership_s": 15.0, "takeover_s": 0.0}
+
 
 def _body(n: int, token: str = "tok0001", **raw: str) -> str:
     """A dial's body as JSON text, with extra fields given as raw JSON."""
@@ -80,7 +83,7 @@ async def test_a_lease_that_keeps_expiring_dead_letters_the_delivery_as_poison(
 
     async def claim(lease: str) -> list[asyncpg.Record]:
         rows = await store.claim(pool, "fakecrm", 10, [], 0.05, lease, max_lease_expiries=3,
-                                 max_attempts=12)
+                                 max_attempts=12, **OWNER)
         await asyncio.sleep(0.1)  # ... and the holder dies: the lease expires unsettled
         return rows
 
@@ -101,7 +104,7 @@ async def test_a_lease_that_keeps_expiring_dead_letters_the_delivery_as_poison(
     assert log["request_data"]["unique_id"] == "1757772742.1"
     # The call's hangup is no longer blocked; a replay starts the count afresh.
     (hang,) = await store.claim(pool, "fakecrm", 10, [], 30.0, "next", max_lease_expiries=3,
-                                max_attempts=12)
+                                max_attempts=12, **OWNER)
     assert (hang["event_type"], hang["dead"]) == ("hangup", None)
     await store.replay(pool, "fakecrm", call="1757772742.1")
     assert (await _delivery(pool, "1757772742.1"))["lease_expiries"] == 0
@@ -113,11 +116,11 @@ async def test_the_attempts_cap_holds_for_reclaimed_deliveries(pool: asyncpg.Poo
     await insert_event(pool, "dial", dial(1, token="tok0001"))
     for _ in range(2):
         (row,) = await store.claim(pool, "fakecrm", 10, [], 0.05, "x", max_lease_expiries=99,
-                                   max_attempts=2)
+                                   max_attempts=2, **OWNER)
         assert row["dead"] is None
         await asyncio.sleep(0.1)
     (row,) = await store.claim(pool, "fakecrm", 10, [], 0.05, "x", max_lease_expiries=99,
-                               max_attempts=2)
+                               max_attempts=2, **OWNER)
     assert row["dead"] == "attempts"
     stored = await _delivery(pool, "1757772742.1")
     assert (stored["status"], stored["attempts"]) == ("failed", 2), "attempts never pass the cap"
@@ -135,7 +138,7 @@ async def test_a_delivery_whose_lease_expired_twice_is_claimed_alone(
 
     async def claim(lease_s: float) -> list[asyncpg.Record]:
         return await store.claim(pool, "fakecrm", 10, [], lease_s, "x", max_lease_expiries=3,
-                                 max_attempts=12)
+                                 max_attempts=12, **OWNER)
 
     assert len(await claim(0.05)) == 3
     await asyncio.sleep(0.1)

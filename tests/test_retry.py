@@ -7,7 +7,14 @@ import random
 import pytest
 
 from daemon.errors import AuthFailed, Permanent, Retryable
-from daemon.retry import BUG_MAX_ATTEMPTS, Policy, backoff, decide
+from daemon.retry import (
+    BUG_MAX_ATTEMPTS,
+    RATE_LIMITED_MAX_DELAY_S,
+    Policy,
+    backoff,
+    decide,
+    rate_limited_backoff,
+)
 
 POLICY = Policy(max_attempts=12, max_age_s=86_400, base_delay_s=1.0, max_delay_s=300.0)
 
@@ -73,3 +80,23 @@ def test_a_bug_is_retried_a_few_times_and_never_shows_its_message() -> None:
     assert final.action == "fail"
     assert "SECRET" not in final.reason
     assert final.reason.startswith("bug: KeyError")
+
+
+@pytest.mark.parametrize("streak", [1, 2, 3, 4, 5, 6, 7, 20])
+def test_slow_down_answers_back_off_growing_and_jittered(streak: int) -> None:
+    r = rng()
+    ceiling = min(RATE_LIMITED_MAX_DELAY_S, 2.0 ** streak)
+    samples = [rate_limited_backoff(streak, r) for _ in range(300)]
+    assert all(ceiling / 2 <= s <= ceiling for s in samples), "grows: never below half"
+    assert max(samples) - min(samples) > ceiling * 0.4, "jittered over the upper half"
+
+
+def test_a_streak_of_slow_down_answers_waits_longer_each_time_without_counting() -> None:
+    error = Retryable("HTTP 503", rate_limited=True, error_id="rate_limited")
+    decisions = [decide(error, 1, 0.0, POLICY, rng(), rate_limited_streak=n) for n in range(1, 7)]
+    delays = [d.delay_s for d in decisions]
+    assert delays == sorted(delays) and delays[-1] > 8 * delays[0]
+    assert {(d.action, d.counted) for d in decisions} == {("retry", False)}
+    header = decide(Retryable("503", rate_limited=True, retry_after=90.0), 1, 0.0, POLICY,
+                    rng(), rate_limited_streak=6)
+    assert header.delay_s == 90.0, "Retry-After honoured when it asks for longer"

@@ -10,6 +10,7 @@ errors), and thin glue implementing this protocol.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -68,7 +69,18 @@ class Exchange:
 
 @dataclass(slots=True)
 class DeliveryContext:
-    """What an adapter gets to deliver one event; built by the dispatcher per attempt."""
+    """What an adapter gets to deliver one event; built by the dispatcher per attempt.
+
+    Requests: the client awaits ``gate(path)`` right before each request (the rate limit;
+    it may raise ``Retryable`` when the request must not go now) and calls ``record`` once
+    the round trip is over, failed ones included — the core counts each request against
+    the CRM's rate window from the first to the second.
+
+    Steps: a delivery that needs several requests (a popup, then an upload) names each
+    finished one with ``step_done``; they are stored with the attempt's outcome, whatever
+    it is, and the next attempt gets them back in ``steps_done`` so it redoes only what is
+    left. ``age_s()`` is how long ago the event was stored, by the database's clock.
+    """
 
     enterprise: str
     config: IntegrationConfig
@@ -79,10 +91,31 @@ class DeliveryContext:
     gate: Callable[[str], Awaitable[None]]
     load_call: Callable[[], Awaitable[Sequence[StoredEvent]]]
     exchanges: list[Exchange] = field(default_factory=list)
+    steps_done: frozenset[str] = frozenset()
+    progress: set[str] = field(default_factory=set)
+    stored_s: float = 0.0  # the event's age when it was claimed
+    claimed_at: float = field(default_factory=time.monotonic)
+    on_exchange: Callable[[Exchange], None] | None = None
 
     def record(self, exchange: Exchange) -> None:
-        """Keep one CRM round trip for the log row (clients call this per request)."""
+        """Keep one CRM round trip for the log row (clients call this per request, when it
+        is over)."""
         self.exchanges.append(exchange)
+        if self.on_exchange is not None:
+            self.on_exchange(exchange)
+
+    def step_done(self, step: str) -> None:
+        """``step`` succeeded in this attempt: a later attempt of this delivery skips it."""
+        self.progress.add(step)
+
+    def done(self, step: str) -> bool:
+        """Whether ``step`` succeeded in this attempt or an earlier one."""
+        return step in self.progress or step in self.steps_done
+
+    def age_s(self) -> float:
+        """Seconds since the event was stored (the database's clock at the claim, plus the
+        time since)."""
+        return self.stored_s + (time.monotonic() - self.claimed_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +132,16 @@ class Skipped:
     reason: str
 
 
-Outcome = Delivered | Skipped
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """The rest of this delivery is not due yet: pending again in ``delay_s`` seconds,
+    without using up an attempt (steps done so far are kept). ``reason`` says why."""
+
+    delay_s: float
+    reason: str
+
+
+Outcome = Delivered | Skipped | Deferred
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,9 +352,12 @@ class Adapter(Protocol):
     def max_batch(self) -> int:
         """The most deliveries ``deliver_batch`` takes at once (1: no batching)."""
 
-    def batch_key(self, event: StoredEvent, config: IntegrationConfig) -> str | None:
+    def batch_key(
+        self, event: StoredEvent, config: IntegrationConfig, steps_done: frozenset[str]
+    ) -> str | None:
         """Deliveries of one enterprise with the same non-None key claimed together may go
-        through ``deliver_batch`` as one attempt (e.g. uploads sharing a request)."""
+        through ``deliver_batch`` as one attempt (e.g. uploads sharing a request);
+        ``steps_done`` are the delivery's steps done by earlier attempts."""
 
     async def deliver(self, ctx: DeliveryContext) -> Outcome:
         """Send one event; raise ``Retryable``/``Permanent``/``AuthFailed`` on failure."""

@@ -85,7 +85,7 @@ async def test_nothing_secret_in_logs_rows_or_answers(
         config = adapter.parse_config(await stored(pool))
         answers.append((await adapter.check_credentials(config)).message)
 
-        async with running(make_settings(poll_interval_s=0.1, max_attempts=1)) as daemon, \
+        async with running(make_settings(poll_interval_s=0.1, max_attempts=2)) as daemon, \
                 aiohttp.ClientSession() as http:
             sim.add_fault(path="/api/v5/telephony/call/event", status=400, count=1,
                           body=echo(KEY, client_id))
@@ -94,7 +94,9 @@ async def test_nothing_secret_in_logs_rows_or_answers(
             for n in range(3):
                 await insert_event(pool, "dial", call(n, "dial"))
                 await insert_event(pool, "hangup", call(n, "hangup"))
-            await wait_until(lambda: len(sim.state.uploaded_calls) == 2)
+            # The hangups' uploads go together once their popups are out: the echoing 500
+            # fails that batch once, its retry goes through.
+            await wait_until(lambda: len(sim.state.uploaded_calls) == 3)
             for path in ("/stats", "/health", "/metrics"):
                 async with http.get(daemon.url + path, headers={
                         "Authorization": f"Bearer {TEST_SERVICE_TOKEN}"}) as response:

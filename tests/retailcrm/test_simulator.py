@@ -24,6 +24,7 @@ from daemon.integrations.retailcrm.simulator import (
     MAX_UPLOAD_BATCH,
     WRONG_KEY_MSG,
     Simulator,
+    key_fingerprint,
     make_users,
     running_simulator,
 )
@@ -593,6 +594,32 @@ async def test_peak_rate_counts_arrivals_in_any_window() -> None:
         assert sim.peak_rate() == 5
         assert sim.peak_rate(window_s=1e-9) == 1
         assert sim.peak_rate(bucket="telephony") == 0
+
+
+async def test_requests_are_told_apart_by_key_and_faults_can_target_one_key() -> None:
+    simulator = Simulator(api_keys=[KEY, OTHER_KEY], rate_limit=False, seed=3)
+    async with running_simulator(simulator) as sim, aiohttp.ClientSession() as http:
+        down = sim.add_fault(api_key=OTHER_KEY, status=500)
+        sometimes = sim.add_fault(path="/api/v5/users", status=503, ratio=0.5)
+        for _ in range(3):
+            assert (await call(http, sim, "GET", "/api/credentials"))[0] == 200
+            assert (await call(http, sim, "GET", "/api/credentials",
+                               headers={"X-API-KEY": OTHER_KEY}))[0] == 500
+        statuses = [(await call(http, sim, "GET", "/api/v5/users"))[0] for _ in range(40)]
+        assert 5 < statuses.count(503) < 35 and statuses.count(200) == 40 - statuses.count(503)
+        mine = [r for r in sim.recorded() if r.key_id == key_fingerprint(KEY)]
+        theirs = [r for r in sim.recorded() if r.key_id == key_fingerprint(OTHER_KEY)]
+        assert len(mine) == 43 and len(theirs) == 3
+        assert {r.fault for r in theirs} == {"status_500"}
+        assert {r.fault for r in mine} == {None, "status_503"}
+        assert sim.peak_rate(api_key=OTHER_KEY) == 3
+        state = await control(http, sim, "GET", "/_state")
+        assert KEY not in json.dumps(state) and OTHER_KEY not in json.dumps(state)
+        assert OTHER_KEY not in json.dumps(await control(http, sim, "GET", "/_requests"))
+        sim.remove_fault(down)
+        sim.remove_fault(sometimes)
+        assert (await call(http, sim, "GET", "/api/credentials",
+                           headers={"X-API-KEY": OTHER_KEY}))[0] == 200
 
 
 def _free_port() -> int:

@@ -82,7 +82,7 @@ class FakeCrmAdapter(StandInCrm):
     def rate_class(self, path: str) -> str:
         return "default"
 
-    def batch_key(self, event: StoredEvent, config: Any) -> str | None:
+    def batch_key(self, event: StoredEvent, config: Any, steps_done: frozenset[str]) -> str | None:
         return None
 
     async def deliver_batch(self, ctxs: Sequence[DeliveryContext]) -> list[Outcome]:

@@ -39,12 +39,18 @@ class TcpProxy:
             writer.close()
             return
         self.connections += 1
+        self._pipes.add(writer)  # tracked at once: a drop while we connect upstream counts
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
+            self._pipes.discard(writer)
             writer.close()
             return
-        self._pipes.update({writer, up_writer})
+        if self.blocked or writer not in self._pipes:  # cut while we were connecting
+            writer.close()
+            up_writer.close()
+            return
+        self._pipes.add(up_writer)
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
                              return_exceptions=True)
 

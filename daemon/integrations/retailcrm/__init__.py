@@ -8,9 +8,15 @@ The pieces (mapping, client and glue kept apart): ``config`` (the stored setting
 ``Adapter`` protocol with them.
 
 Delivery: each event is mapped with its call's stored events (never process memory) into a
-``call/event`` and/or one ``calls/upload`` item. Hangups and downloads of one enterprise
-claimed together (a backlog) are delivered as one batch: their popups one by one, their
-uploads in requests of at most 50.
+``call/event`` and/or one ``calls/upload`` item, each a **step** of its own (``popup``,
+``upload``): a retry redoes only the step that failed, so a failed upload never shows a
+popup twice. A popup older than ``POPUP_MAX_AGE_S`` is worth nothing any more and is skipped
+with a reason; an upload is retried as long as the retry policy allows. The upload of a
+hangup (or download) waits the settle window (``upload_settle_s``, 3 s by default) after the
+hangup was stored — the delivery is ``Deferred`` meanwhile, its popup sent at once — and
+then folds every event of the call stored by then: a dial stored after its hangup still
+names the manager. Hangups whose popup is done and downloads of one enterprise claimed
+together (a backlog) are delivered as one batch: their uploads in requests of at most 50.
 
 Upkeep: ``register``/``unregister``/``sync_extensions`` keep the module registered in
 RetailCRM (``module.Registrar``); ``save_extensions`` stores an assignment set and syncs it;
@@ -34,12 +40,21 @@ import structlog
 from aiohttp import web
 
 from daemon import db, store
-from daemon.calls import MAX_RECORD_URL_CHARS, StoredEvent, parse_call, parse_event
+from daemon.calls import (
+    ENDING_TYPES,
+    MAX_RECORD_URL_CHARS,
+    CallEvent,
+    MalformedEvent,
+    StoredEvent,
+    parse_call,
+    parse_event,
+)
 from daemon.errors import ConfigError, DeliveryError, Permanent
 from daemon.integrations.base import (
     AdapterDeps,
     CredentialsCheck,
     CrmUser,
+    Deferred,
     Delivered,
     DeliveryContext,
     IntegrationConfig,
@@ -71,6 +86,11 @@ TELEPHONY_PREFIX = "/api/v5/telephony"
 REQUIRED_SCOPES = ("integration_read", "integration_write", "telephony_read",
                    "telephony_write", "user_read")
 CHECK_TIMEOUT_S = 5.0
+# A live call card shown later than this helps nobody: the popup is skipped.
+POPUP_MAX_AGE_S = 120.0
+DEFAULT_UPLOAD_SETTLE_S = 3.0
+POPUP, UPLOAD = "popup", "upload"  # a delivery's steps
+STALE_POPUP = "stale_popup"  # the reason a popup was not sent
 RECONCILE_INTERVAL_S = 180.0
 RECONCILE_BATCH = 100
 TEMPLATES = Path(__file__).parent / "templates"
@@ -83,7 +103,8 @@ class RetailCrmAdapter:
 
     name = NAME
     event_types = frozenset({"dial", "hangup", "download"})
-    # RetailCRM's client-side limits per API key, as its official clients keep them.
+    # RetailCRM's client-side limits per API key, as its official clients keep them
+    # (docs/retailcrm.md, "Rate limits").
     rate_limits: Mapping[str, float] = {"default": 10.0, "telephony": 40.0}
     max_batch = MAX_UPLOAD_BATCH
 
@@ -92,6 +113,8 @@ class RetailCrmAdapter:
         self.allow_private = cfg.allows_private(deps.settings)
         self.identity = ModuleIdentity.from_deps(deps)
         self.registrar = Registrar(deps, self.identity)
+        self.upload_settle_s = float(deps.settings.get("upload_settle_s",
+                                                       DEFAULT_UPLOAD_SETTLE_S))
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
         self._rng = random.Random()  # the reconciler's jitter, not the module's shared state
 
@@ -105,14 +128,17 @@ class RetailCrmAdapter:
         """Validate ``integrations_config['retailcrm']`` (decrypting its secrets)."""
         return cfg.parse(raw, self.deps.crypto, allow_private=self.allow_private)
 
-    def batch_key(self, event: StoredEvent, config: IntegrationConfig) -> str | None:
+    def batch_key(
+        self, event: StoredEvent, config: IntegrationConfig, steps_done: frozenset[str]
+    ) -> str | None:
         """Upload-only deliveries of one enterprise share upload requests: downloads (the
-        recovery backlog), and hangups when hangup popups are off. A hangup with a popup is
-        delivered alone, so a batch is one request and always fits the attempt timeout."""
+        recovery backlog), and hangups whose popup is done or off. A hangup with a popup
+        to send is delivered alone, so a batch is one request and always fits the attempt
+        timeout."""
         if event.event_type == "download":
             return "calls"
         if event.event_type == "hangup" and isinstance(config, cfg.RetailCrmConfig):
-            return None if config.popup_hangup else "calls"
+            return "calls" if POPUP in steps_done or not config.popup_hangup else None
         return None
 
     def client(self, config: cfg.RetailCrmConfig, ctx: DeliveryContext | None = None,
@@ -135,42 +161,81 @@ class RetailCrmAdapter:
     ) -> list[Outcome | DeliveryError]:
         """Deliver several events of one enterprise; one result per context, in order.
 
-        Popups go one by one; upload items go together, at most 50 per request. A batch
+        Each event's popup goes at once (unless done, or stale); an ending's upload waits
+        for the settle window, then uploads go together, at most 50 per request. A batch
         the API refuses as a whole is retried item by item, so one bad item fails alone.
         """
         results: list[Outcome | DeliveryError | None] = [None] * len(ctxs)
         uploads: list[tuple[int, dict[str, Any]]] = []
+        notes: dict[int, str] = {}
         for i, ctx in enumerate(ctxs):
             try:
-                planned = await self._plan(ctx)
-                if planned.skipped:
-                    results[i] = Skipped(planned.skipped)
-                    continue
-                if planned.event is not None:
-                    await self.client(_config(ctx), ctx).call_event(planned.event)
-                if planned.upload is not None:
-                    uploads.append((i, planned.upload))
-                else:
-                    results[i] = Delivered("call event sent")
+                outcome, upload = await self._deliver_popup(ctx)
             except DeliveryError as exc:
                 results[i] = exc
+                continue
+            if upload is None:
+                results[i] = outcome
+                continue
+            uploads.append((i, upload))
+            if isinstance(outcome, Delivered) and outcome.detail:
+                notes[i] = outcome.detail
         if uploads:
             await self._upload(ctxs, uploads, results)
+        for i, note in notes.items():
+            result = results[i]
+            if isinstance(result, Delivered):
+                results[i] = Delivered(f"{result.detail}; {note}")
         return [r if r is not None else Permanent("nothing decided") for r in results]
 
-    async def _plan(self, ctx: DeliveryContext) -> Plan:
+    async def _deliver_popup(
+        self, ctx: DeliveryContext
+    ) -> tuple[Outcome, dict[str, Any] | None]:
+        """Plan the event and send its popup if one is due; then either the outcome, or the
+        upload item still to send (with a note for its outcome, when the popup went stale)."""
+        settling = ctx.event.event_type in ENDING_TYPES and ctx.age_s() < self.upload_settle_s
+        try:
+            planned, current = await self._plan(ctx)
+        except MalformedEvent:
+            if not settling:
+                raise
+            # The call's other events may still come and settle what this one lacks.
+            return Deferred(self.upload_settle_s - ctx.age_s(), "waiting for the call's "
+                            "other events"), None
+        stale: str | None = None
+        if planned.event is not None and not ctx.done(POPUP):
+            age_s = ctx.age_s()
+            if age_s > POPUP_MAX_AGE_S:
+                stale = f"{STALE_POPUP}: not shown {age_s:.0f} s after the event"
+            else:
+                await self.client(_config(ctx), ctx).call_event(planned.event)
+                ctx.step_done(POPUP)
+        wait_s = self.upload_settle_s - ctx.age_s()
+        if ctx.event.event_type in ENDING_TYPES and wait_s > 0:
+            # Whatever the plan says now, the call's late events may change it: the upload
+            # (or the decision that there is none) waits for the settle window.
+            return Deferred(wait_s, "the upload waits for the settle window"), None
+        if planned.upload is not None and not ctx.done(UPLOAD):
+            if current.record_url_dropped:  # said when the upload goes without it
+                log.warning("record_url_dropped", unique_id=ctx.event.unique_id,
+                            reason="not an absolute http(s) URL of at most "
+                            f"{MAX_RECORD_URL_CHARS} characters")
+            return Delivered(stale or ""), planned.upload
+        if planned.skipped:
+            return Skipped(planned.skipped), None
+        if stale is not None:
+            return Skipped(stale), None
+        return Delivered("call event sent"), None
+
+    async def _plan(self, ctx: DeliveryContext) -> tuple[Plan, CallEvent]:
         config = _config(ctx)
         current = parse_event(ctx.event)
-        if current.record_url_dropped:
-            log.warning("record_url_dropped", unique_id=ctx.event.unique_id,
-                        reason="not an absolute http(s) URL of at most "
-                        f"{MAX_RECORD_URL_CHARS} characters")
         events, _rejected = parse_call(await ctx.load_call())
         options = await self.options(ctx.enterprise, config)
         planned = plan(current, events, options)
         if planned.phone_unparsed:
             log.info("phone_not_normalised", unique_id=ctx.event.unique_id)
-        return planned
+        return planned, current
 
     async def _upload(
         self,
@@ -199,6 +264,7 @@ class RetailCrmAdapter:
                 if index != chunk[0][0]:
                     ctxs[index].exchanges.extend(first.exchanges[-1:])
                 seen = str(item.get("externalId")) in duplicates
+                ctxs[index].step_done(UPLOAD)
                 results[index] = Delivered("call already uploaded" if seen else "call uploaded")
 
     async def options(self, enterprise: str, config: cfg.RetailCrmConfig) -> MappingOptions:

@@ -7,10 +7,12 @@ the key check (``X-API-KEY`` header or ``apiKey`` query), form-encoded POST bodi
 nested fields are JSON strings, RetailCRM's error bodies, and the rate limit (per key, 10
 requests in any 1-second window, 40 for paths under ``/api/v5/telephony``, excess → 503).
 
-It can be told to fail, stall, slow down or drop connections, and records every API request
-it received. Control endpoints take no key (``/_requests``, ``/_reset``, ``/_fault``,
-``/_users``, ``/_managers``, ``/_customers``, ``/_keys``, ``/_config``, ``/_state``); every
-control is also a method of :class:`Simulator` for in-process tests. All state lives on the
+It can be told to fail, stall, slow down or drop connections — for every request, one API
+key's, or a random share of them — and records every API request it received, with when it
+arrived, which key sent it (a fingerprint, never the key) and which fault it met. Control
+endpoints take no key (``/_requests``, ``/_reset``, ``/_fault``, ``/_users``,
+``/_managers``, ``/_customers``, ``/_keys``, ``/_config``, ``/_state``); every control is
+also a method of :class:`Simulator` for in-process tests. All state lives on the
 ``Simulator`` object: two simulators in one process share nothing. Per-request work stays
 small because benchmarks push thousands of requests per second through it.
 
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
+import random
 import re
 import time
 import zlib
@@ -125,7 +129,8 @@ class Fault:
     hundred KiB on the wire inflating to the whole size (a "gzip bomb"). A latency-only
     fault leaves the normal answer.
     ``count`` is how many requests it still applies to (None: until cleared); ``hits`` how
-    many it has taken.
+    many it has taken. ``api_key`` limits it to one key's requests (shown only as its
+    fingerprint); ``ratio`` to that random share of the matching requests (1: all).
     """
 
     path: str | None = None
@@ -137,6 +142,8 @@ class Fault:
     outage: bool = False
     count: int | None = None
     retry_after: float | None = None
+    api_key: str | None = field(default=None, repr=False)
+    ratio: float = 1.0
     bloat_bytes: int | None = None
     gzip: bool = False
     hits: int = 0
@@ -165,6 +172,10 @@ class Fault:
             raise ValueError("count must be a positive integer or null")
         if self.retry_after is not None and not isinstance(self.retry_after, int | float):
             raise ValueError("retry_after must be a number of seconds")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ValueError("api_key must be a non-empty string or null")
+        if not isinstance(self.ratio, int | float) or not 0 < self.ratio <= 1:
+            raise ValueError("ratio must be a number in (0, 1]")
         if self.bloat_bytes is not None and (
             not isinstance(self.bloat_bytes, int) or self.bloat_bytes < 1
         ):
@@ -172,9 +183,24 @@ class Fault:
         if not isinstance(self.gzip, bool) or (self.gzip and self.bloat_bytes is None):
             raise ValueError("gzip must be a boolean, and needs bloat_bytes")
 
-    def matches(self, path: str) -> bool:
-        """Whether this fault applies to a request for ``path``."""
-        return self.path is None or path.startswith(self.path)
+    def matches(self, path: str, key: str | None = None) -> bool:
+        """Whether this fault applies to a request for ``path`` sent with ``key``."""
+        return (self.path is None or path.startswith(self.path)) and (
+            self.api_key is None or key == self.api_key)
+
+    def kind(self) -> str:
+        """A short name of what the fault does, as recorded with each request it met."""
+        if self.stall:
+            return "stall"
+        if self.outage:
+            return "outage"
+        if self.html:
+            return "html"
+        if self.bloat_bytes is not None:
+            return "bloat"
+        if self.status is not None:
+            return f"status_{self.status}"
+        return "latency" if self.latency_ms else "body"
 
     def replaces_answer(self) -> bool:
         """Whether the normal answer is replaced (else the fault only adds latency)."""
@@ -184,13 +210,22 @@ class Fault:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The fault as ``GET /_state`` shows it."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fault as ``GET /_state`` shows it (a key as its fingerprint)."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.api_key is not None:
+            shown["api_key"] = key_fingerprint(self.api_key)
+        return shown
+
+
+def key_fingerprint(key: str) -> str:
+    """What the request log keeps of an API key: enough to tell keys apart, nothing more."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 @dataclass(slots=True)
 class RecordedRequest:
-    """One API request received. The key itself is never kept: only whether it was valid."""
+    """One API request received. The key itself is never kept: whether it was valid, and
+    its fingerprint (``key_fingerprint``). ``fault`` names the fault it met, if any."""
 
     time: float
     monotonic: float
@@ -201,13 +236,15 @@ class RecordedRequest:
     status: int | None = None
     key_ok: bool = False
     key_source: Literal["header", "query"] | None = None
+    key_id: str | None = None
+    fault: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The request as ``GET /_requests`` lists it."""
         return {
             "time": self.time, "method": self.method, "path": self.path, "query": self.query,
             "form": self.form, "status": self.status, "key_ok": self.key_ok,
-            "key_source": self.key_source,
+            "key_source": self.key_source, "key_id": self.key_id, "fault": self.fault,
         }
 
 
@@ -306,7 +343,9 @@ class Simulator:
         rate_limit: bool = True,
         module_402: bool = False,
         manager_404: bool = False,
+        seed: int | None = None,
     ) -> None:
+        self._rng = random.Random(seed)
         self._initial_keys = frozenset(api_keys)
         self._initial_users = [
             normalize_user(u) for u in (make_users(3) if users is None else users)
@@ -368,6 +407,11 @@ class Simulator:
         fault.validate()
         self.faults.append(fault)
         return fault
+
+    def remove_fault(self, fault: Fault) -> None:
+        """Remove one fault (gone already: nothing happens); stalled requests stay stalled."""
+        if fault in self.faults:
+            self.faults.remove(fault)
 
     def clear_faults(self) -> None:
         """Remove every fault and release stalled requests."""
@@ -433,12 +477,17 @@ class Simulator:
         *,
         bucket: Literal["general", "telephony"] | None = None,
         window_s: float = RATE_WINDOW_S,
+        api_key: str | None = None,
     ) -> int:
-        """The most requests that arrived within any ``window_s`` (per rate bucket if given)."""
-        times = [
+        """The most requests that arrived within any ``window_s`` (per rate bucket, and of
+        one API key, if given)."""
+        key_id = None if api_key is None else key_fingerprint(api_key)
+        times = sorted(
             r.monotonic for r in self.state.requests
-            if bucket is None or r.path.startswith(TELEPHONY_PREFIX) == (bucket == "telephony")
-        ]
+            if (bucket is None
+                or r.path.startswith(TELEPHONY_PREFIX) == (bucket == "telephony"))
+            and (key_id is None or r.key_id == key_id)
+        )
         peak = start = 0
         for end, t in enumerate(times):
             while t - times[start] >= window_s:
@@ -524,32 +573,39 @@ class Simulator:
             key = request.query.get("apiKey")
             record.key_source = "query" if key is not None else None
         record.key_ok = key is not None and key in self.keys
+        record.key_id = None if key is None else key_fingerprint(key)
+        if request.method == "POST" and request.content_type == FORM_CONTENT_TYPE:
+            # Read (and recorded) first: a request a fault answers still says what it was.
+            posted = await request.post()
+            form = {k: v for k, v in posted.items() if isinstance(v, str)}
+            request[FORM] = form
+            record.form = {k: _try_json(v) if k in JSON_FIELDS else v for k, v in form.items()}
         # Faults stand for the network and the servers in front: they come before the API.
         if self.faults:
-            answer = await self._apply_fault(request, record.path)
+            answer = await self._apply_fault(request, record, key)
             if answer is not None:
                 return answer
         if key is None or not record.key_ok:
             raise ApiError(403, WRONG_KEY_MSG)
         if self.rate_limit and not self._admit(key, record.path):
             raise ApiError(503, RATE_LIMIT_MSG)
-        if request.method == "POST":
-            if request.content_type != FORM_CONTENT_TYPE:
-                raise ApiError(
-                    400, f"POST bodies must be {FORM_CONTENT_TYPE}, not "
-                    f"{request.content_type or 'empty'}",
-                )
-            posted = await request.post()
-            form = {k: v for k, v in posted.items() if isinstance(v, str)}
-            request[FORM] = form
-            record.form = {k: _try_json(v) if k in JSON_FIELDS else v for k, v in form.items()}
+        if request.method == "POST" and request.content_type != FORM_CONTENT_TYPE:
+            raise ApiError(
+                400, f"POST bodies must be {FORM_CONTENT_TYPE}, not "
+                f"{request.content_type or 'empty'}",
+            )
         return await handler(request)
 
-    async def _apply_fault(self, request: web.Request, path: str) -> web.StreamResponse | None:
-        fault = next((f for f in self.faults if f.matches(path)), None)
+    async def _apply_fault(
+        self, request: web.Request, record: RecordedRequest, key: str | None
+    ) -> web.StreamResponse | None:
+        # The first fault that matches and whose share comes up this time.
+        fault = next((f for f in self.faults if f.matches(record.path, key)
+                      and (f.ratio >= 1 or self._rng.random() < f.ratio)), None)
         if fault is None:
             return None
         fault.hits += 1
+        record.fault = fault.kind()
         if fault.count is not None:
             fault.count -= 1
             if fault.count == 0:
