@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon import collector
 from daemon.cache import AmbiguousToken, Entry
 from daemon.ingest import (
     FieldError,
@@ -138,5 +139,6 @@ async def stats(request: web.Request) -> web.Response:
         "dispatcher": runtime.dispatcher.stats(),
         "guards": runtime.guards.stats(),
         "database": runtime.health.stats(),
+        "gc": collector.stats(),
     }
     return web.json_response(body)
