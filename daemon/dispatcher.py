@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -67,9 +68,10 @@ from daemon.integrations.base import (
     Deferred,
     Delivered,
     DeliveryContext,
+    Exchange,
     Outcome,
 )
-from daemon.logs import LogRow, OutcomeWriter, Settlement, mask
+from daemon.logs import LogRow, OutcomeWriter, Settlement, attempt_row, mask, masked_exchange
 from daemon.metrics import Metrics
 from daemon.ownership import Ownership, OwnershipLapsed
 from daemon.retry import Decision, Policy, decide
@@ -434,7 +436,8 @@ class Dispatcher:
             return entry
         return await self._cache.fetch(enterprise)
 
-    def _context(self, item: Claimed, entry: Entry, gate: RequestGate) -> DeliveryContext:
+    def _context(self, item: Claimed, entry: Entry, gate: RequestGate,
+                 keep: Callable[[Exchange], Exchange]) -> DeliveryContext:
         assert entry.config is not None
         return DeliveryContext(
             enterprise=item.enterprise, config=entry.config, event=item.event,
@@ -442,7 +445,7 @@ class Dispatcher:
             gate=self._owned_gate(item.enterprise, gate),
             load_call=lambda: self._load_call(item),
             steps_done=item.steps_done, progress=item.progress, stored_s=item.stored_s,
-            claimed_at=item.claimed_at, on_exchange=gate.ended,
+            claimed_at=item.claimed_at, on_exchange=gate.ended, keep=keep,
         )
 
     def _owned_gate(self, enterprise: str, gate: RequestGate) -> Callable[[str], Awaitable[None]]:
@@ -463,7 +466,9 @@ class Dispatcher:
         gate = self._guards.gate(
             group[0].enterprise, self._adapter.rate_class, self._attempt_timeout_s,
             latest_start=time.monotonic() + self._attempt_timeout_s * REQUEST_START_SHARE)
-        ctxs = [self._context(item, entry, gate) for item in group]
+        # Every exchange is masked once, as it is recorded (daemon/logs.py).
+        keep = functools.partial(masked_exchange, secrets=_secrets(entry))
+        ctxs = [self._context(item, entry, gate, keep) for item in group]
         started = time.monotonic()
         results: Sequence[Outcome | BaseException]
         try:
@@ -626,25 +631,8 @@ class Dispatcher:
 
     def _log_row(self, item: Claimed, entry: Entry, ctx: DeliveryContext, *,
                  ok: bool, error: str | None, detail: str = "") -> LogRow:
-        secrets = _secrets(entry)
-        exchanges = [
-            {"method": x.method, "path": x.path, "request": x.request,
-             "status": x.status, "duration_ms": round(x.duration_s * 1000, 1)}
-            for x in ctx.exchanges
-        ]
-        request: dict[str, Any] = {"unique_id": item.event.unique_id, "event_id": item.event.id,
-                                   "attempt": item.attempt, "requests": exchanges}
-        if detail:
-            request["outcome"] = detail
-        if ctx.progress:
-            request["steps_done"] = sorted(ctx.progress)
-        response = [{"path": x.path, "status": x.status, "body": x.response}
-                    for x in ctx.exchanges]
-        return LogRow(
-            enterprise=item.enterprise, event_type=item.event.event_type,
-            request=mask(request, secrets), response=mask(response, secrets),
-            ok=ok, error=error,
-        )
+        return attempt_row(item.enterprise, item.event, item.attempt, ctx.exchanges,
+                           ctx.progress, _secrets(entry), ok=ok, error=error, detail=detail)
 
     # ------------------------------------------------------------------ observation
 

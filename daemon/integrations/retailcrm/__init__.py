@@ -116,6 +116,8 @@ class RetailCrmAdapter:
         self.upload_settle_s = float(deps.settings.get("upload_settle_s",
                                                        DEFAULT_UPLOAD_SETTLE_S))
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
+        # enterprise -> (config, internal numbers, the mapping options made of them)
+        self._options: dict[str, tuple[cfg.RetailCrmConfig, frozenset[str], MappingOptions]] = {}
         self._rng = random.Random()  # the reconciler's jitter, not the module's shared state
 
     # ------------------------------------------------------------------ protocol
@@ -230,9 +232,10 @@ class RetailCrmAdapter:
     async def _plan(self, ctx: DeliveryContext) -> tuple[Plan, CallEvent]:
         config = _config(ctx)
         current = parse_event(ctx.event)
-        events, _rejected = parse_call(await ctx.load_call())
+        # The call's events include this one: it is parsed once, above.
+        others, _rejected = parse_call(e for e in await ctx.load_call() if e.id != current.id)
         options = await self.options(ctx.enterprise, config)
-        planned = plan(current, events, options)
+        planned = plan(current, others, options)
         if planned.phone_unparsed:
             log.info("phone_not_normalised", unique_id=ctx.event.unique_id)
         return planned, current
@@ -268,16 +271,22 @@ class RetailCrmAdapter:
                 results[index] = Delivered("call already uploaded" if seen else "call uploaded")
 
     async def options(self, enterprise: str, config: cfg.RetailCrmConfig) -> MappingOptions:
-        """The mapping options of one enterprise (its internal numbers cached briefly)."""
-        return MappingOptions(
+        """The mapping options of one enterprise (its internal numbers cached briefly); the
+        same object for as long as its configuration and its numbers are the same ones."""
+        numbers = await self.internal_numbers(enterprise)
+        kept = self._options.get(enterprise)
+        if kept is not None and kept[0] is config and kept[1] is numbers:
+            return kept[2]
+        options = MappingOptions(
             host_zone=ZoneInfo(config.time_zone), crm_zone=ZoneInfo(config.crm_time_zone),
             region=config.region, popup_incoming=config.popup_incoming,
             popup_outgoing=config.popup_outgoing, popup_hangup=config.popup_hangup,
             upload_history=config.upload_history, upload_recordings=config.upload_recordings,
             log_internal=config.log_internal, user_extensions=config.user_extensions,
-            internal_numbers=await self.internal_numbers(enterprise),
-            external_phones=config.external_phones,
+            internal_numbers=numbers, external_phones=config.external_phones,
         )
+        self._options[enterprise] = (config, numbers, options)
+        return options
 
     async def internal_numbers(self, enterprise: str) -> frozenset[str]:
         """This enterprise's extensions (``user_internal_phones``), cached for a minute."""

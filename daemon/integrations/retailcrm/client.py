@@ -65,7 +65,12 @@ _NOT_JSON: Final = _NotJson()
 
 def encode_json_field(value: Any) -> str:
     """Encode one nested form field the way RetailCRM expects: compact JSON, UTF-8 kept."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _encode_field(value)
+
+
+# Built once: json.dumps with options builds a new encoder on every call. (An encoder keeps
+# no state between calls: a constant.)
+_encode_field = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -283,11 +288,9 @@ class RetailCrmClient:
             fields = {k: v if isinstance(v, str) else encode_json_field(v) for k, v in form.items()}
             data = urlencode(fields).encode()
             headers["Content-Type"] = _FORM_CONTENT_TYPE
-            # What was actually sent, decoded back: later changes to the caller's objects
-            # cannot alter the log.
-            logged = {
-                k: v if isinstance(form[k], str) else json.loads(v) for k, v in fields.items()
-            }
+            # The objects just encoded, not decoded back from the form: whoever keeps the
+            # exchange past this call copies it (masking does, as it records it).
+            logged = dict(form)
         if self._gate is not None:
             await self._gate(path)
         total_s = self._timeout_s if timeout_s is None else timeout_s
