@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="cProfile each benchmark into .bench/<name>.pstats")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="another checkout of crm-bridge (git worktree add DIR main): "
-                        "anchor.noop and anchor.retailcrm also drain with its daemon")
+                        "anchor.noop, anchor.retailcrm and anchor.ingest also run its daemon")
     return parser
 
 
