@@ -22,10 +22,11 @@ import email.utils
 import json
 import math
 import re
+import string
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
-from urllib.parse import urlencode
+from urllib.parse import quote_plus
 
 import aiohttp
 from yarl import URL
@@ -61,6 +62,24 @@ class _NotJson:
 
 
 _NOT_JSON: Final = _NotJson()
+
+
+# application/x-www-form-urlencoded as urllib.parse.urlencode writes it: letters, digits and
+# "_.-~" as they are, the space as "+", any other character as %XX of its UTF-8 bytes. For
+# ASCII text (every field RetailCRM gets from us but a name) one str.translate does it in C,
+# where urlencode quotes byte by byte in Python (3 % of a delivery's CPU).
+_FORM_SAFE: Final = frozenset(string.ascii_letters + string.digits + "_.-~")
+_FORM_ASCII: Final = {code: chr(code) if chr(code) in _FORM_SAFE else "+" if code == 32
+                      else f"%{code:02X}" for code in range(128)}
+
+
+def form_body(fields: Mapping[str, str]) -> bytes:
+    """``fields`` form-encoded, exactly as ``urllib.parse.urlencode(fields).encode()``."""
+    return "&".join(f"{_form_quote(k)}={_form_quote(v)}" for k, v in fields.items()).encode()
+
+
+def _form_quote(text: str) -> str:
+    return text.translate(_FORM_ASCII) if text.isascii() else quote_plus(text)
 
 
 def encode_json_field(value: Any) -> str:
@@ -286,7 +305,7 @@ class RetailCrmClient:
         if form is not None:
             # Encode before the gate: a value json cannot encode is our bug, not a CRM call.
             fields = {k: v if isinstance(v, str) else encode_json_field(v) for k, v in form.items()}
-            data = urlencode(fields).encode()
+            data = form_body(fields)
             headers["Content-Type"] = _FORM_CONTENT_TYPE
             # The objects just encoded, not decoded back from the form: whoever keeps the
             # exchange past this call copies it (masking does, as it records it).
