@@ -15,8 +15,9 @@ with a reason; an upload is retried as long as the retry policy allows. The uplo
 hangup (or download) waits the settle window (``upload_settle_s``, 3 s by default) after the
 hangup was stored — the delivery is ``Deferred`` meanwhile, its popup sent at once — and
 then folds every event of the call stored by then: a dial stored after its hangup still
-names the manager. Hangups whose popup is done and downloads of one enterprise claimed
-together (a backlog) are delivered as one batch: their uploads in requests of at most 50.
+names the manager. Hangups whose popup is done (or too old to show) and downloads of one
+enterprise claimed together (a backlog) are delivered as one batch: their uploads in
+requests of at most 50.
 
 Upkeep: ``register``/``unregister``/``sync_extensions`` keep the module registered in
 RetailCRM (``module.Registrar``); ``save_extensions`` stores an assignment set and syncs it;
@@ -31,6 +32,7 @@ import contextlib
 import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -88,6 +90,9 @@ REQUIRED_SCOPES = ("integration_read", "integration_write", "telephony_read",
 CHECK_TIMEOUT_S = 5.0
 # A live call card shown later than this helps nobody: the popup is skipped.
 POPUP_MAX_AGE_S = 120.0
+# How far this host's clock may be ahead of the database's for batch_key's reading of an
+# event's age (the popup decision itself reads the database's clock).
+CLOCK_MARGIN_S = 60.0
 DEFAULT_UPLOAD_SETTLE_S = 3.0
 POPUP, UPLOAD = "popup", "upload"  # a delivery's steps
 STALE_POPUP = "stale_popup"  # the reason a popup was not sent
@@ -134,14 +139,15 @@ class RetailCrmAdapter:
         self, event: StoredEvent, config: IntegrationConfig, steps_done: frozenset[str]
     ) -> str | None:
         """Upload-only deliveries of one enterprise share upload requests: downloads (the
-        recovery backlog), and hangups whose popup is done or off. A hangup with a popup
-        to send is delivered alone, so a batch is one request and always fits the attempt
-        timeout."""
+        recovery backlog), and hangups whose popup is done, off, or long past showing (a
+        backlog the CRM could not take for minutes). A hangup with a popup to send is
+        delivered alone, so a batch is one request and always fits the attempt timeout."""
         if event.event_type == "download":
             return "calls"
-        if event.event_type == "hangup" and isinstance(config, cfg.RetailCrmConfig):
-            return "calls" if POPUP in steps_done or not config.popup_hangup else None
-        return None
+        upload_only = event.event_type == "hangup" and isinstance(
+            config, cfg.RetailCrmConfig) and (
+                POPUP in steps_done or not config.popup_hangup or _past_popup(event))
+        return "calls" if upload_only else None
 
     def client(self, config: cfg.RetailCrmConfig, ctx: DeliveryContext | None = None,
                timeout_s: float = 3.0) -> RetailCrmClient:
@@ -460,6 +466,14 @@ class RetailCrmAdapter:
                 health = self.deps.health
                 if health is None or not health.failed(exc, "extensions-sync"):
                     log.warning("extensions_reconcile_failed", error=type(exc).__name__)
+
+
+def _past_popup(event: StoredEvent) -> bool:
+    """Whether the event is surely too old for its popup (``POPUP_MAX_AGE_S``): by this
+    host's clock, with ``CLOCK_MARGIN_S`` to spare for a database clock behind it — the
+    attempt decides by the database's, and a popup it still finds due goes all the same."""
+    age_s = (datetime.now(UTC) - event.received_at).total_seconds()
+    return age_s > POPUP_MAX_AGE_S + CLOCK_MARGIN_S
 
 
 def _config(ctx: DeliveryContext) -> cfg.RetailCrmConfig:
