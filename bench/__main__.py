@@ -6,7 +6,7 @@ Options: ``--only NAME`` (repeatable or comma-separated; ``pipeline`` selects ev
 ``--profile`` (cProfile each benchmark's process side into ``.bench/<name>.pstats`` and print
 its top functions on stderr), ``--baseline DIR`` (another checkout of crm-bridge: the
 drain anchors run its daemon too, in the same rounds, and compare). Progress goes to
-stderr; the table alone to stdout.
+stderr; the table alone to stdout. ``--rounds N`` runs the anchors' sides N times each.
 
 Exit status: 0 when every selected benchmark ran (a ``MISS`` is a result, not a failure),
 1 when one could not run (its row says ``ERROR``), 2 on bad usage.
@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the daemons' log level (lines go to .bench/daemon*.log)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile each benchmark into .bench/<name>.pstats")
+    parser.add_argument("--rounds", type=int, default=0, metavar="N",
+                        help="rounds of each side of anchor.noop, anchor.retailcrm and "
+                        "anchor.ingest (default 3, 1 with --quick)")
     parser.add_argument("--baseline", type=Path, metavar="DIR",
                         help="another checkout of crm-bridge (git worktree add DIR main): "
                         "anchor.noop, anchor.retailcrm and anchor.ingest also run its daemon")
@@ -157,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             facts = asyncio.run(machine(server_url))
             harness = Harness(server_url, quick=args.quick, log_level=args.log_level,
-                              profile=args.profile, baseline=baseline)
+                              profile=args.profile, baseline=baseline,
+                              rounds=max(0, args.rounds))
             for name in names:
                 began = time.monotonic()
                 print(f"bench: {name} …", file=sys.stderr, flush=True)

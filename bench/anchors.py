@@ -50,6 +50,8 @@ DRAIN_TIMEOUT_S = 180.0
 
 
 def _rounds(h: Harness) -> int:
+    if h.rounds:
+        return h.rounds
     return QUICK_ROUNDS if h.quick else ROUNDS
 
 

@@ -45,6 +45,7 @@ class Harness:
     log_level: str = "info"
     profile: bool = False
     baseline: Path | None = None  # another checkout whose daemon the anchors also run
+    rounds: int = 0  # rounds of each side of the anchors (0: their default)
     secret_key: str = field(default_factory=lambda: secrets.token_hex(32))
     fernet_key: str = field(default_factory=_fernet_key)
     service_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))

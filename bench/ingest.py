@@ -209,7 +209,7 @@ async def _round(url: str, target: str, pid: int, lua: str, seconds: float,
 async def ingest(h: Harness) -> list[Row]:
     """anchor.ingest: see the module docstring."""
     seconds = QUICK_ROUND_S if h.quick else ROUND_S
-    count = 1 if h.quick else 3
+    count = h.rounds or (1 if h.quick else 3)
     firms = workload.enterprises(ENTERPRISES)
     tokens = [f.token for f in firms]
     async with h.database() as url:
