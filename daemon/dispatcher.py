@@ -147,6 +147,7 @@ class Dispatcher:
         self._claim_failures = 0
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s
         self._recheck_at: float | None = None
         self._retries_at: list[float] = []  # a heap of monotonic times retries come due
         self._claim_no = itertools.count(1)
@@ -204,6 +205,7 @@ class Dispatcher:
         """Claim and attempt until ``stopping``; then drain and release (see module doc)."""
         # Every attempt task copies this context: its log lines name the integration.
         structlog.contextvars.bind_contextvars(integration=self._adapter.name)
+        self._loop = asyncio.get_running_loop()
         try:
             while not stopping.is_set():
                 free = self._concurrency - self._inflight_count
@@ -331,7 +333,10 @@ class Dispatcher:
             return None
 
     def _start(self, group: list[Claimed]) -> None:
-        task = asyncio.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
+        # The loop's own create_task: asyncio.create_task asks for the running loop, a
+        # getpid() system call on Python 3.11, once per attempt.
+        assert self._loop is not None  # run() is running
+        task = self._loop.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
         self._inflight[task] = len(group)
         self._inflight_count += len(group)
         self._in_hand[group[0].enterprise] += len(group)

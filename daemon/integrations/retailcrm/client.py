@@ -17,7 +17,6 @@ that is JSON but cannot be decoded safely (too deep, a number out of range) is `
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import json
 import math
@@ -313,8 +312,9 @@ class RetailCrmClient:
         if self._gate is not None:
             await self._gate(path)
         total_s = self._timeout_s if timeout_s is None else timeout_s
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # time.monotonic() is the loop's clock; asking asyncio for the loop costs a getpid()
+        # system call on Python 3.11, per request.
+        started = time.monotonic()
         try:
             async with self._session.request(
                 method,
@@ -331,15 +331,15 @@ class RetailCrmClient:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 location = resp.headers.get("Location")
         except TimeoutError:
-            self._report(method, path, logged, None, None, loop.time() - started)
+            self._report(method, path, logged, None, None, time.monotonic() - started)
             raise errors.Retryable(
                 f"RetailCRM {method} {path} at {self._origin} timed out after {total_s:g} s",
                 error_id="timeout",
             ) from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
-            self._report(method, path, logged, None, None, loop.time() - started)
+            self._report(method, path, logged, None, None, time.monotonic() - started)
             raise self._connection_error(method, path, exc) from None
-        duration_s = loop.time() - started
+        duration_s = time.monotonic() - started
         if raw is None:
             self._report(method, path, logged, status, f"(an answer larger than "
                          f"{self._max_response_bytes} bytes: not kept)", duration_s)
