@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import os
 import random
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -200,11 +201,11 @@ class Demo:
 
     async def _run(self, pool: asyncpg.Pool, http: aiohttp.ClientSession) -> int:
         keys = await self._simulators(http)
-        secrets = {firm.number: os.urandom(18).hex() for firm in ENTERPRISES}
+        pbx_secrets = {firm.number: secrets.token_urlsafe(24) for firm in ENTERPRISES}
         for firm in ENTERPRISES:
-            await seed(pool, firm, secrets[firm.number])
+            await seed(pool, firm, pbx_secrets[firm.number])
         await self._post(http, f"{self.pbx_url}/_clients",
-                         {secret: number for number, secret in secrets.items()})
+                         {secret: number for number, secret in pbx_secrets.items()})
         await self._connect(pool, keys)
         bridge = await self.stack.start(
             "crm-bridge", [sys.executable, "-m", "daemon", "run", "--integration", INTEGRATION],
@@ -222,7 +223,7 @@ class Demo:
         """Start a RetailCRM account per enterprise (its API key through stdin) and the PBX."""
         keys = []
         for firm, port in zip(ENTERPRISES, self.ports.crm, strict=True):
-            key = f"demo-{firm.number}-{os.urandom(12).hex()}"
+            key = f"demo-{firm.number}-{secrets.token_hex(12)}"
             child = await self.stack.start(
                 f"retailcrm-{firm.number}",
                 [sys.executable, "-m", "daemon.integrations.retailcrm.simulator",

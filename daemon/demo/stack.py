@@ -166,5 +166,6 @@ def check_port(host: str, port: int, option: str) -> None:
             what = ("is already in use" if exc.errno == errno.EADDRINUSE
                     else f"cannot be used ({exc.strerror or exc})")
             raise StackError(f"port {port} on {host} {what}: stop what holds it, or choose "
-                             f"another with {option} (0: any free port)") from None
+                             f"another with {option} (0: any free port; with make: make demo "
+                             f"DEMO_ARGS='{option} 0')") from None
 
