@@ -216,3 +216,19 @@ def test_an_unreachable_database_is_one_line(checkout: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "cannot use the database at postgresql://u@127.0.0.1:9/x" in result.stderr
+
+
+async def test_a_child_that_dies_stops_the_demo_saying_which_and_leaves_nothing(
+    demo: Demo,
+) -> None:
+    await demo.printed("Stop: Ctrl-C.", STARTED_S)
+    children = children_of(demo.proc.pid)
+    [bridge] = [pid for pid, cmd in children.items() if "daemon run" in cmd]
+    os.kill(bridge, signal.SIGKILL)
+    assert await asyncio.wait_for(demo.proc.wait(), 60) == 1
+    await asyncio.gather(*demo.readers)
+    said = "\n".join(demo.err)
+    assert "demo: crm-bridge stopped unexpectedly (exit -9); the end of" in said, said
+    assert "crm-bridge.log" in said
+    left = [pid for pid in children if not gone(pid)]
+    assert not left, {pid: children[pid] for pid in left}

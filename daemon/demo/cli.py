@@ -290,16 +290,16 @@ class Demo:
                 if not (died.done() or stop.done()):
                     print(guide.status(traffic.counters, await self._received(http)),
                           flush=True)
+            crashed = died.result() if died.done() and not stop.done() else None
         finally:
             self.stopping.set()
             await calls
             for task in (died, stop):
                 task.cancel()
-        if died.done() and not died.cancelled() and not stop.done():
-            child = died.result()
-            raise StackError(f"{child.name} stopped unexpectedly (exit "
-                             f"{child.proc.returncode if child.proc else '?'}); the end of "
-                             f"{child.log}:\n{child.tail()}")
+        if crashed is not None:
+            raise StackError(f"{crashed.name} stopped unexpectedly (exit "
+                             f"{crashed.proc.returncode if crashed.proc else '?'}); the end "
+                             f"of {crashed.log}:\n{crashed.tail()}")
         print(guide.status(traffic.counters, await self._received(http)), flush=True)
         return EXIT_OK
 

@@ -26,6 +26,7 @@ import aiohttp
 READY_POLL_S: Final = 0.1
 STOP_TIMEOUT_S: Final = 15.0
 LOG_TAIL_LINES: Final = 12
+TAIL_BYTES: Final = 16_384
 
 
 class StackError(Exception):
@@ -55,9 +56,12 @@ class Child:
         return self.proc is not None and self.proc.returncode is None
 
     def tail(self) -> str:
-        """The last lines of its log, indented, for an error message."""
+        """The last lines of its log, indented, for an error message (only its end is read:
+        the log grows over the runs of a demo)."""
         try:
-            lines = self.log.read_text(encoding="utf-8", errors="replace").splitlines()
+            with self.log.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - TAIL_BYTES))
+                lines = log.read().decode("utf-8", errors="replace").splitlines()
         except OSError:
             return "    (no log)"
         return "\n".join(f"    {line}" for line in lines[-LOG_TAIL_LINES:]) or "    (empty log)"
