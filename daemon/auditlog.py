@@ -5,8 +5,9 @@ await, no I/O) and one supervised task writes whatever has accumulated in one st
 a burst of clicks is a handful of round trips and no click waits for the database. Rows
 come already masked (their callers quote refused values escaped and short, and never put
 a credential in). A row the database refuses (a bug of ours) is logged and dropped alone;
-when the database is down the batch is retried, capped, and kept while the process lives
-up to ``MAX_PENDING`` rows (then the oldest go, counted).
+when the database is unavailable (``daemon.db``: the process's one ``DatabaseHealth`` says
+so, and paces the retries) the batch is kept while the process lives, up to
+``MAX_PENDING`` rows (then the oldest go, counted).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from typing import Any, Final
 import asyncpg
 import structlog
 
-from daemon import store
+from daemon import db, store
+from daemon.db import DatabaseHealth
 from daemon.metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
 MAX_BATCH: Final = 500
 MAX_PENDING: Final = 50_000
-RETRY_MAX_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +47,11 @@ class AuditRow:
 class AuditLog:
     """See the module docstring. One per process, held by the Runtime."""
 
-    def __init__(self, pool: asyncpg.Pool, metrics: Metrics) -> None:
+    def __init__(self, pool: asyncpg.Pool, metrics: Metrics, *,
+                 health: DatabaseHealth | None = None) -> None:
         self._pool = pool
         self._metrics = metrics
+        self._health = health or DatabaseHealth()
         self._pending: list[AuditRow] = []
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -70,7 +73,7 @@ class AuditLog:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Write batches until ``stopping`` is set and nothing is left."""
-        delay = 0.1
+        failures = 0
         while True:
             if not self._pending:
                 self._idle.set()
@@ -82,17 +85,26 @@ class AuditLog:
             batch = self._pending[:MAX_BATCH]
             try:
                 await self._write(batch)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    TimeoutError) as exc:
-                if stopping.is_set() and delay >= RETRY_MAX_S:
+            except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
+                failures += 1
+                if not self._health.failed(exc, "audit-log"):
+                    # Not an outage: a statement the database refuses as a whole (a bug of
+                    # ours). Retrying it cannot help; the rows go, counted.
+                    log.error("audit_rows_dropped", error=type(exc).__name__,
+                              rows=len(batch))
+                    self.dropped += len(batch)
+                    del self._pending[:len(batch)]
+                    continue
+                if stopping.is_set() and failures > 5:
                     log.error("audit_rows_abandoned", rows=len(self._pending))
+                    self.dropped += len(self._pending)
                     self._pending.clear()
                     continue
-                log.warning("audit_write_failed", error=type(exc).__name__, retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                await self._health.pause(failures, stopping)
                 continue
-            delay = 0.1
+            if failures:
+                self._health.succeeded()
+            failures = 0
             del self._pending[:len(batch)]
 
     async def _write(self, batch: list[AuditRow]) -> None:

@@ -367,8 +367,9 @@ async def serve(settings: Settings, dev_env: Path | None = None) -> int:
                      integration=rt.adapter.name, instance=settings.instance_id)
             _notify_systemd(rt, url)
             if settings.dev_mode:  # a terminal's message, not a log line: it shows the token
-                print(devmode.banner(url, settings.service_token, dev_env), file=sys.stderr,
-                      flush=True)
+                admin = await _admin_line(rt, settings, url, dev_env)
+                print(devmode.banner(url, settings.service_token, dev_env, admin),
+                      file=sys.stderr, flush=True)
             await rt.supervisor.stopping.wait()
             log.info("stopping", reason=rt.supervisor.failed or "signal")
             await rt.supervisor.join(settings.shutdown_grace_s + 5)
@@ -377,6 +378,28 @@ async def serve(settings: Settings, dev_env: Path | None = None) -> int:
         failed = rt.supervisor.failed
     log.info("stopped", failed=failed)
     return EXIT_FAILED if failed else EXIT_OK
+
+
+async def _admin_line(rt: runtime.Runtime, settings: Settings, url: str,
+                      dev_env: Path | None) -> str:
+    """Development mode's admin line: a link (on ``url``, where this process listens) to
+    the admin pages of an enterprise where the integration is configured, else the command
+    that prints one (nothing is written for an enterprise never configured here)."""
+    cli = ".venv/bin/crm-bridge" if dev_env is not None else "crm-bridge"
+    candidate = devmode.admin_candidate(rt.cache.entries())
+    if candidate is None:
+        return devmode.admin_line(None, None, cli)
+    enterprise, configured = candidate
+    link = None
+    if configured:
+        try:
+            token = await links.issue(rt.pool, settings.secret_key, enterprise, rt.adapter.name)
+        except (asyncpg.PostgresError, OSError, ValueError) as exc:
+            log.warning("admin_link_not_issued", enterprise=enterprise, error=type(exc).__name__)
+            token = None
+        if token is not None:
+            link = f"{url}/{rt.adapter.name}-admin/?token={token}"
+    return devmode.admin_line(enterprise, link, cli)
 
 
 def _notify_systemd(rt: runtime.Runtime, url: str) -> None:

@@ -24,10 +24,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from daemon import settings
+from daemon import links, settings
+from daemon.cache import Entry
 
 DEV_ENV = Path(".pgdata") / "dev.env"
 DEV_MODE = settings.PREFIX + "DEV_MODE"
@@ -140,14 +141,46 @@ def environment(
     return {**values, **env, DEV_MODE: "1"}, path
 
 
-def banner(url: str, service_token: str, dev_env: Path | None) -> str:
+def admin_candidate(entries: Iterable[Entry]) -> tuple[str, bool] | None:
+    """The enterprise whose admin pages ``make run`` points at, and whether this integration
+    is configured there: an active enterprise with its configuration (one it serves
+    first, then by number), else any active one; None when there is none."""
+    active = [e for e in entries if e.active]
+    if not active:
+        return None
+    configured = [e for e in active if e.config is not None or e.invalid is not None]
+    if configured:
+        best = min(configured, key=lambda e: (not e.serves, e.enterprise))
+        return best.enterprise, True
+    return min(e.enterprise for e in active), False
+
+
+def admin_line(enterprise: str | None, link: str | None, cli: str) -> str:
+    """The banner's admin line: the ``link`` to ``enterprise``'s pages when there is one,
+    else the exact command that prints one (``cli``: how to run ``crm-bridge`` here)."""
+    if enterprise is None:
+        return ("  admin:   no enterprise yet: add one to the enterprises table (make demo "
+                f"seeds two), then {cli} admin-link NUMBER")
+    if link is None:
+        return (f"  admin:   {cli} admin-link {enterprise}  (prints a link that opens "
+                f"enterprise {enterprise}'s admin pages)")
+    return (f"  admin:   {link}\n"
+            f"           (enterprise {enterprise}'s admin pages, valid "
+            f"{links.DEFAULT_TTL_S / 86_400:g} days; another "
+            f"enterprise: {cli} admin-link NUMBER)")
+
+
+def banner(url: str, service_token: str, dev_env: Path | None, admin: str = "") -> str:
     """What ``crm-bridge run`` prints in development mode once it serves: where to look, and
-    the exact commands that reach it. Printed to the terminal, never logged."""
+    the exact commands that reach it (``admin``: :func:`admin_line`). Printed to the
+    terminal, never logged."""
     lines = [
         f"crm-bridge is ready (development mode; never use it in production). {url}",
         f"  health:  curl {url}/health",
         f"  API:     curl -H 'Authorization: Bearer {service_token}' {url}/stats",
     ]
+    if admin:
+        lines.append(admin)
     if dev_env is not None:
         lines.append(f"  CLI:     .venv/bin/crm-bridge --help  (from {dev_env.parent.parent} "
                      f"in another shell: it shares these secrets, kept in {dev_env})")

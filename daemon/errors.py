@@ -2,8 +2,8 @@
 
 An adapter (or its HTTP client) raises exactly one of these for anything that went wrong
 talking to a CRM; the dispatcher decides the delivery's outcome from the class alone
-(STYLE.md rule 8). Anything else escaping an adapter is a bug: it is logged with its
-traceback, counted, and retried a capped number of times.
+(docs/architecture.md, "Rules that hold everywhere"). Anything else escaping an adapter is
+a bug: it is logged with its traceback, counted, and retried a capped number of times.
 
 Messages never carry a secret: they are shown in the admin UI and written to
 ``integration_logs``.

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -260,21 +261,30 @@ async def running_pbx(simulator: PbxSimulator | None = None, *, host: str = "127
         await runner.cleanup()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line entry: serve one simulated Asterisk service until interrupted."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry: serve one simulated Asterisk service until interrupted; a port
+    already in use is one line naming ``--port`` (exit 1)."""
     parser = argparse.ArgumentParser(
         prog="python -m daemon.pbx_simulator",
         description="Serve a simulated Asterisk service (click-to-call, transfers).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8018)
     parser.add_argument("--client", action="append", default=[], metavar="SECRET=ENTERPRISE",
-                        help="a known clientId and its enterprise (repeatable; none: any)")
+                        help="a known clientId and its enterprise (repeatable; none: any). "
+                        "A secret on a command line shows in ps: POST /_clients is better")
     args = parser.parse_args(argv)
     clients = dict(item.partition("=")[::2] for item in args.client)
-    web.run_app(PbxSimulator(clients).app(), host=args.host, port=args.port, access_log=None,
-                print=lambda _: print(f"PBX simulator on http://{args.host}:{args.port} "
-                                      f"({len(clients) or 'any'} client(s))", flush=True))
+    try:
+        web.run_app(PbxSimulator(clients).app(), host=args.host, port=args.port,
+                    access_log=None,
+                    print=lambda _: print(f"PBX simulator on http://{args.host}:{args.port} "
+                                          f"({len(clients) or 'any'} client(s))", flush=True))
+    except OSError as exc:
+        print(f"pbx simulator: cannot listen on {args.host}:{args.port}: "
+              f"{exc.strerror or exc} (choose another --port)", file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

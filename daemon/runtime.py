@@ -169,7 +169,7 @@ async def build(settings: Settings) -> AsyncIterator[Runtime]:
         stack.push_async_callback(pbx_http.close)
         pbx = Pbx(pool, pbx_http, settings.pbx_url, timeout_s=settings.pbx_timeout_s,
                   metrics=metrics)
-        audit = AuditLog(pool, metrics)
+        audit = AuditLog(pool, metrics, health=health)
         redirect = SmartRedirect(cache, adapter, pool, audit, pbx, metrics,
                                  deadline_s=settings.smart_redirect_deadline_s,
                                  lookup_timeout_s=settings.attempt_timeout_s)

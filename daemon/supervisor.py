@@ -1,4 +1,4 @@
-"""Named, supervised background tasks (STYLE.md rule 4).
+"""Named, supervised background tasks (docs/architecture.md, "Rules that hold everywhere").
 
 Every long-running loop of the process (listener, dispatcher, refresher, log writer...) is
 started through ``Supervisor.spawn``. A task that dies with an exception — or returns while

@@ -1,5 +1,6 @@
 """Adapter conformance: every adapter folder (and the test suite's fake) satisfies the
-protocol and the folder rules, and the import arrows of STYLE.md hold (checked with ast)."""
+protocol and the folder rules, and the import arrows of docs/architecture.md hold (checked
+with ast)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ ASYNC_METHODS = ("deliver", "deliver_batch", "check_credentials", "list_users", 
                  "unregister", "responsible_manager", "read_settings", "write_settings",
                  "test_connection", "managers", "internal_numbers_view", "extensions",
                  "save_extensions", "sync_extensions")
-# STYLE.md: cli is the composition root (cli → web → core); it alone may import web.
+# docs/architecture.md: cli is the composition root (cli → web → core); it alone may import web.
 COMPOSITION_ROOT = Path("daemon/cli.py")
 
 

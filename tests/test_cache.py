@@ -297,3 +297,5 @@ async def test_config_cache_endpoints(
             assert stats["listener"]["connected"] is True
             assert stats["cache"]["entries"] == 2
             assert "dispatcher" in stats["tasks"]
+            assert set(stats) >= {"smart_redirect", "database", "guards"}
+            assert stats["smart_redirect"]["cached_callers"] == 0

@@ -4,10 +4,12 @@ shell, and the CLI or curl in another, share them."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import stat
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +17,7 @@ import asyncpg
 import pytest
 
 from daemon import devmode
+from daemon.cache import Entry
 from daemon.pgcluster import ThrowawayCluster
 from daemon.settings import SettingsError, load
 from tests.support.daemon import start_process
@@ -153,3 +156,78 @@ async def test_make_run_in_one_shell_and_the_cli_and_curl_in_another(
     finally:
         code = await daemon.stop()
     assert code == 0
+
+
+# ---------------------------------------------------------------------- the admin line
+
+
+def entry(number: str, *, active: bool = True, configured: bool = False,
+          enabled: bool = False) -> Entry:
+    config = _Config(enabled) if configured else None
+    return Entry(enterprise=number, token=None, secret_fp=None, active=active,
+                 enabled_types=frozenset(), config=config, invalid=None, holds={}, seq=0,
+                 expires_at=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    enabled: bool
+    callback_secret: str | None = None
+
+    def secrets(self) -> tuple[str, ...]:
+        return ()
+
+
+def test_the_admin_line_points_at_a_configured_enterprise_else_says_the_command() -> None:
+    assert devmode.admin_candidate([]) is None
+    assert devmode.admin_candidate([entry("0100", active=False)]) is None
+    assert devmode.admin_candidate([entry("0300"), entry("0200")]) == ("0200", False)
+    assert devmode.admin_candidate([entry("0100"), entry("0300", configured=True),
+                                    entry("0200", configured=True, enabled=True)]) == (
+        "0200", True), "a configured enterprise it serves first"
+    assert devmode.admin_candidate([entry("0300", configured=True),
+                                    entry("0200", configured=True, active=False)]) == (
+        "0300", True)
+    cli = ".venv/bin/crm-bridge"
+    assert "no enterprise yet" in devmode.admin_line(None, None, cli)
+    assert f"{cli} admin-link NUMBER" in devmode.admin_line(None, None, cli)
+    assert devmode.admin_line("0200", None, cli).split()[:3] == [
+        "admin:", cli, "admin-link"]
+    with_link = devmode.admin_line("0200", "http://h/retailcrm-admin/?token=t", cli)
+    assert with_link.splitlines()[0].split() == ["admin:", "http://h/retailcrm-admin/?token=t"]
+    assert "valid 7 days" in with_link
+
+
+@pytest.mark.slow
+async def test_make_run_prints_an_admin_link_that_opens_the_pages(
+    checkout: Path, database_url: str, pool: asyncpg.Pool,
+) -> None:
+    await add_enterprise(pool, "0100")  # not configured: not the one shown
+    await add_enterprise(pool, "0367", config={"retailcrm": {"enabled": False}})
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("CRM_BRIDGE_")}
+    daemon = await start_process({**bare, "CRM_BRIDGE_DEV_MODE": "1",
+                                  "CRM_BRIDGE_DATABASE_URL": database_url,
+                                  "CRM_BRIDGE_LOG_FORMAT": "json"}, cwd=checkout)
+    try:
+        for _ in range(200):
+            if "admin:" in _banner(daemon.lines):
+                break
+            await asyncio.sleep(0.05)
+        banner = _banner(daemon.lines)
+        link = re.search(r"admin:\s+(\S+)", banner)
+        assert link is not None and link.group(1).startswith(
+            f"{daemon.url}/retailcrm-admin/?token="), banner
+        assert "enterprise 0367's admin pages" in banner
+        jar = aiohttp.CookieJar(unsafe=True)
+        async with aiohttp.ClientSession(cookie_jar=jar) as browser, \
+                browser.get(link.group(1)) as page:
+            assert page.status == 200
+            assert str(page.url).startswith(f"{daemon.url}/retailcrm-admin/0367/")
+        token = link.group(1).rsplit("=", 1)[1]
+        logged = [line for line in daemon.lines if line.get("event") != "raw"]
+        assert token not in json.dumps(logged), "printed for the terminal, never logged"
+        stored = await pool.fetchval(
+            "SELECT integrations_config FROM enterprises WHERE number = '0100'")
+        assert stored == {}, "nothing written for an enterprise never configured"
+    finally:
+        assert await daemon.stop() == 0

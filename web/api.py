@@ -127,7 +127,8 @@ async def enablement(request: web.Request) -> web.Response:
 
 @routes.get("/stats")
 async def stats(request: web.Request) -> web.Response:
-    """Listener, cache, dispatcher, guard and database state (operators; service token)."""
+    """Listener, cache, dispatcher (with ownership), guards, smart redirect and database
+    state (operators; service token)."""
     require_service_token(request)
     runtime = request.app[RUNTIME]
     body = {
@@ -138,6 +139,7 @@ async def stats(request: web.Request) -> web.Response:
         "cache": runtime.cache.stats(),
         "dispatcher": runtime.dispatcher.stats(),
         "guards": runtime.guards.stats(),
+        "smart_redirect": runtime.redirect.stats(),
         "database": runtime.health.stats(),
         "gc": collector.stats(),
     }

@@ -7,6 +7,7 @@ in ``test-artifacts/screenshots/`` (not committed)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from tests.admin.conftest import PREFIX, A, Bridge
 from tests.retailcrm.conftest import KEY
 from tests.support.daemon import ROOT
 from tests.support.seed import insert_event
+from tests.support.waiting import wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -174,8 +176,28 @@ async def test_a_new_administrator_connects_retailcrm_and_fixes_what_failed(
         timeout=WAIT_MS)
     await shot(page, "04-journal-failed")
     admin_sim.clear_faults()
+    # The replay's answer reaches the page only after the delivery is done and the live
+    # view has said so (as on a loaded host): the row must not step back to "pending".
+    delivered = asyncio.Event()
+
+    async def late_answer(route: Any) -> None:  # a playwright Route
+        answer = await route.fetch()
+        await wait_until(lambda: delivered.is_set(), timeout=WAIT_MS / 1000)
+        await asyncio.sleep(0.3)  # the live view's message is on the page by now
+        await route.fulfill(response=answer)
+
+    await page.route("**/deliveries/*/replay", late_answer)
     await failed.locator("button[data-action=replay]").click()
+    for _ in range(WAIT_MS // 20):
+        if await pool.fetchval("SELECT status FROM crm_deliveries WHERE unique_id = $1",
+                               "1757772742.96") == "done":
+            break
+        await asyncio.sleep(0.02)
+    delivered.set()
     await failed.locator("td[data-field=status]", has_text="done").wait_for(timeout=WAIT_MS)
+    await page.wait_for_timeout(500)  # the replay's answer has come and gone meanwhile
+    assert await failed.locator("td[data-field=status]").inner_text() == "done"
+    await page.unroute("**/deliveries/*/replay")
     assert await failed.locator("button[data-action=replay]").is_hidden()
     await shot(page, "05-journal-replayed")
 

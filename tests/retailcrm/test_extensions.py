@@ -192,7 +192,7 @@ async def test_managers_and_numbers_for_the_picker(
 
 
 async def _update_amocrm(conn: asyncpg.Connection, value: str) -> None:
-    """Another integration's service writing its own key, the way DESIGN.md asks."""
+    """Another integration's service writing its own key, the way docs/architecture.md asks."""
     await conn.execute(
         "UPDATE enterprises SET integrations_config = jsonb_set(integrations_config, "
         "'{amocrm,token}', to_jsonb($2::text)) WHERE number = $1", ENTERPRISE, value)

@@ -1,4 +1,4 @@
-"""Call-event bodies as the platform's Asterisk listener sends them (EVENTS.md)."""
+"""Call-event bodies as the platform's Asterisk listener sends them (docs/events.md)."""
 
 from __future__ import annotations
 

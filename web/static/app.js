@@ -197,14 +197,19 @@
       if (!button) return;
       const row = button.closest("tr[data-event-id]");
       const id = row.dataset.eventId;
+      const before = row.dataset.status;
       button.disabled = true;
       try {
         if (button.dataset.action === "replay") {
           const answer = await call("POST", `/deliveries/${encodeURIComponent(enterprise)}/replay`,
                                     {event_ids: [Number(id)]});
           if (answer.ok && (answer.body.replayed || []).includes(Number(id))) {
-            fill(row, {...rowItem(row), status: "pending", attempts: 0, last_error: "",
-                       replayable: false});
+            // The live view may already have shown the replayed delivery's new state (it can
+            // be delivered before this answer arrives): never step back to "pending" then.
+            if (row.dataset.status === before) {
+              fill(row, {...rowItem(row), status: "pending", attempts: 0, last_error: "",
+                         replayable: false});
+            }
           } else {
             row.querySelector("[data-field=last_error]").textContent = own["not-replayed"];
           }
