@@ -34,6 +34,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from daemon.serving import serving
+
 ORIGINATE: Final = "/api/makecallexternal"
 TRANSFER: Final = "/api/transfer"
 MAX_RECORDED: Final = 100_000
@@ -247,18 +249,13 @@ async def running_pbx(simulator: PbxSimulator | None = None, *, host: str = "127
     """Serve ``simulator`` (a new one if None) on ``host:port`` (0: any free port) until the
     block ends; yields it with ``url`` set."""
     sim = simulator if simulator is not None else PbxSimulator()
-    runner = web.AppRunner(sim.app(), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        sim._url = f"http://{bound_host}:{bound_port}"
-        yield sim
-    finally:
-        sim.clear_faults()
-        sim._url = None
-        await runner.cleanup()
+    async with serving(sim.app(), host, port) as url:
+        sim._url = url
+        try:
+            yield sim
+        finally:
+            sim.clear_faults()
+            sim._url = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

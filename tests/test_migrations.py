@@ -10,7 +10,7 @@ import sys
 import asyncpg
 import pytest
 
-from daemon import db
+from daemon import db, store
 from daemon.migrate import MigrationError, find_sql_dir, load_migrations, migrate
 
 OUR_TABLES = {"crm_events", "crm_deliveries", "crm_integrations", "crm_doorbell",
@@ -86,6 +86,45 @@ async def test_keeps_existing_platform_tables_and_rows(empty_database_url: str) 
         assert await conn.fetchval("SELECT password FROM user_internal_phones") == "sip-secret"
         assert await conn.fetchval("SELECT raw FROM call_events") == {"a": 1}
         assert await migrate(conn, load_migrations(find_sql_dir())) == []
+    finally:
+        await conn.close()
+
+
+async def _phone_indexes(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT indexname FROM pg_indexes WHERE tablename = 'user_internal_phones'")
+    return {r["indexname"] for r in rows}
+
+
+async def test_internal_numbers_are_read_by_index(empty_database_url: str) -> None:
+    """sql/008: an enterprise's numbers by index, not by a scan of every enterprise's."""
+    conn = await db.connect(empty_database_url)
+    try:
+        await migrate(conn, load_migrations(find_sql_dir()))
+        assert "crm_user_internal_phones_enterprise" in await _phone_indexes(conn)
+        await conn.execute(
+            """INSERT INTO user_internal_phones (enterprise_number, phone_number)
+               SELECT lpad((n / 10)::text, 4, '0'), (100 + n % 10)::text
+                 FROM generate_series(1, 20000) n;
+               ANALYZE user_internal_phones""")
+        plan = await conn.fetchval(
+            "EXPLAIN " + store.INTERNAL_NUMBERS.strip().replace("$1", "'0367'"))
+        assert "crm_user_internal_phones_enterprise" in plan, plan
+    finally:
+        await conn.close()
+
+
+async def test_the_platforms_own_index_on_internal_numbers_is_kept_alone(
+    empty_database_url: str,
+) -> None:
+    conn = await db.connect(empty_database_url)
+    try:
+        await conn.execute(
+            """CREATE TABLE user_internal_phones (id serial PRIMARY KEY,
+                   enterprise_number text, phone_number text, user_id int);
+               CREATE INDEX uip_enterprise ON user_internal_phones (enterprise_number)""")
+        await migrate(conn, load_migrations(find_sql_dir()))
+        assert await _phone_indexes(conn) == {"user_internal_phones_pkey", "uip_enterprise"}
     finally:
         await conn.close()
 

@@ -6,6 +6,7 @@ keeps query strings (where the secrets travel) out of its access log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import shutil
@@ -127,30 +128,37 @@ class Proxy:
     access_log: Path
 
 
+@contextlib.asynccontextmanager
+async def _nginx_in_front_of(folder: Path, upstream: str) -> AsyncIterator[Proxy]:
+    """A real nginx running the shipped file with only its addresses and log folder changed
+    to the test's, passing to ``upstream`` (host:port)."""
+    _certificate(folder)
+    https, http = _free_port(), _free_port()
+    site = SHIPPED.read_text()
+    site = _replace(site, "server 127.0.0.1:8019;", f"server {upstream};")
+    site = _replace(site, "listen 443 ssl http2;", f"listen 127.0.0.1:{https} ssl http2;")
+    site = _replace(site, "listen 80;", f"listen 127.0.0.1:{http};")
+    site = _replace(site, "/var/log/nginx/", f"{folder}/")
+    (folder / "crm-bridge.conf").write_text(site)
+    conf = _main_conf(folder, folder / "crm-bridge.conf", debian=False)
+    nginx = await asyncio.create_subprocess_exec(
+        *_nginx(folder, conf, "-g", "daemon off;"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        await wait_until(lambda: _accepts(https) or nginx.returncode is not None)
+        assert nginx.returncode is None, (folder / "error.log").read_text()
+        yield Proxy(f"https://127.0.0.1:{https}", folder / "crm-bridge.access.log")
+    finally:
+        nginx.terminate()
+        await asyncio.wait_for(nginx.wait(), 15)
+
+
 @pytest_asyncio.fixture
 async def proxy(tmp_path: Path, make_settings: Callable[..., Settings]) -> AsyncIterator[Proxy]:
-    """The daemon, and a real nginx in front of it running the shipped file with only its
-    addresses and log folder changed to the test's."""
-    async with running(make_settings()) as daemon:
-        _certificate(tmp_path)
-        https, http = _free_port(), _free_port()
-        site = SHIPPED.read_text()
-        site = _replace(site, "server 127.0.0.1:8019;", f"server {daemon.url[7:]};")
-        site = _replace(site, "listen 443 ssl http2;", f"listen 127.0.0.1:{https} ssl http2;")
-        site = _replace(site, "listen 80;", f"listen 127.0.0.1:{http};")
-        site = _replace(site, "/var/log/nginx/", f"{tmp_path}/")
-        (tmp_path / "crm-bridge.conf").write_text(site)
-        conf = _main_conf(tmp_path, tmp_path / "crm-bridge.conf", debian=False)
-        nginx = await asyncio.create_subprocess_exec(
-            *_nginx(tmp_path, conf, "-g", "daemon off;"),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        try:
-            await wait_until(lambda: _accepts(https) or nginx.returncode is not None)
-            assert nginx.returncode is None, (tmp_path / "error.log").read_text()
-            yield Proxy(f"https://127.0.0.1:{https}", tmp_path / "crm-bridge.access.log")
-        finally:
-            nginx.terminate()
-            await asyncio.wait_for(nginx.wait(), 15)
+    """The daemon, and a real nginx in front of it."""
+    async with running(make_settings()) as daemon, \
+            _nginx_in_front_of(tmp_path, daemon.url[7:]) as front:
+        yield front
 
 
 def _accepts(port: int) -> bool:
@@ -206,3 +214,28 @@ async def test_no_query_string_reaches_the_access_log(proxy: Proxy) -> None:
     assert '"GET /retailcrm-admin/ HTTP/1.1" 401' in log
     for secret in (SECRET_CLIENT_ID, SECRET_TOKEN, "clientId=", "token="):
         assert secret not in log
+
+
+async def test_no_query_string_reaches_any_log_when_crm_bridge_does_not_answer(
+    tmp_path: Path,
+) -> None:
+    """nginx's error log writes the whole request line of a request its upstream failed:
+    the shipped file keeps it to crit, and the access log says what happened instead."""
+    down = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    async with _nginx_in_front_of(tmp_path, down) as front, _client("127.0.0.2") as outside:
+        async with outside.post(f"{front.url}/retailcrm/actions/activity"
+                                f"?clientId={SECRET_CLIENT_ID}&activity=true") as r:
+            assert r.status == 502
+        async with outside.get(f"{front.url}/retailcrm-admin/?token={SECRET_TOKEN}") as r:
+            assert r.status == 502
+        await wait_until(lambda: front.access_log.exists()
+                         and front.access_log.read_text().count("\n") >= 2)
+    access = front.access_log.read_text()
+    assert '"GET /retailcrm-admin/ HTTP/1.1" 502' in access
+    assert f"upstream={down} 502" in access, access
+    logs = [path for path in tmp_path.iterdir() if path.suffix == ".log"]
+    assert {path.name for path in logs} >= {"crm-bridge.access.log", "crm-bridge.error.log"}
+    for path in logs:
+        text = path.read_text()
+        for secret in (SECRET_CLIENT_ID, SECRET_TOKEN, "clientId=", "token="):
+            assert secret not in text, path.name

@@ -18,6 +18,7 @@ import pytest_asyncio
 from aiohttp import web
 
 from daemon.integrations.retailcrm.simulator import Simulator, running_simulator
+from daemon.serving import serving
 
 KEY = "sim-key-0123456789abcdef"
 CLIENT_ID = "client-id-" + "c" * 40
@@ -49,15 +50,9 @@ async def receiver() -> AsyncIterator[Receiver]:
     recv = Receiver()
     app = web.Application()
     app.router.add_route("*", "/retailcrm/make-call", recv.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    recv.url = f"http://127.0.0.1:{runner.addresses[0][1]}/retailcrm/make-call"
-    try:
+    async with serving(app) as url:
+        recv.url = f"{url}/retailcrm/make-call"
         yield recv
-    finally:
-        await runner.cleanup()
 
 
 def module(make_call_url: str, *, active: bool = True) -> dict[str, Any]:

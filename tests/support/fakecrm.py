@@ -40,6 +40,7 @@ from daemon.integrations.base import (
     Exchange,
     Outcome,
 )
+from daemon.serving import serving
 from tests.support.stand_in import StandInCrm
 
 NAME = "fakecrm"
@@ -223,13 +224,5 @@ class FakeUpstream:
 @asynccontextmanager
 async def running_upstream() -> AsyncIterator[FakeUpstream]:
     upstream = FakeUpstream()
-    runner = web.AppRunner(upstream.app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    upstream.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(upstream.app()) as upstream.url:
         yield upstream
-    finally:
-        await runner.cleanup()

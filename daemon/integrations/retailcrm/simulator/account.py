@@ -20,6 +20,8 @@ from typing import Any, Final, Literal
 import aiohttp
 from aiohttp import web
 
+from daemon.serving import serving
+
 from . import callbacks
 from .api import AccountApi
 from .control import Controls
@@ -287,15 +289,10 @@ async def running_simulator(
     server.
     """
     sim = simulator if simulator is not None else Simulator()
-    runner = web.AppRunner(sim.app(), access_log=None, shutdown_timeout=1.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][:2]
-        sim._url = f"http://{bound_host}:{bound_port}"
-        yield sim
-    finally:
-        sim.release_stalls()
-        sim._url = None
-        await runner.cleanup()
+    async with serving(sim.app(), host, port) as url:
+        sim._url = url
+        try:
+            yield sim
+        finally:
+            sim.release_stalls()
+            sim._url = None
