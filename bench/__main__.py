@@ -4,7 +4,9 @@ Options: ``--only NAME`` (repeatable or comma-separated; ``pipeline`` selects ev
 ``pipeline.*``), ``--quick`` (smaller workloads, about a third of the time), ``--list``,
 ``--log-level`` of the daemons' own lines (default ``info``, as in production), and
 ``--profile`` (cProfile each benchmark's process side into ``.bench/<name>.pstats`` and print
-its top functions on stderr). Progress goes to stderr; the table alone to stdout.
+its top functions on stderr), ``--baseline DIR`` (another checkout of crm-bridge: the
+drain anchors run its daemon too, in the same rounds, and compare). Progress goes to
+stderr; the table alone to stdout. ``--rounds N`` runs the anchors' sides N times each.
 
 Exit status: 0 when every selected benchmark ran (a ``MISS`` is a result, not a failure),
 1 when one could not run (its row says ``ERROR``), 2 on bad usage.
@@ -23,6 +25,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from bench import anchors, cache, ingest, journal, latency, memory, pipeline, telephony
@@ -92,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="the daemons' log level (lines go to .bench/daemon*.log)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile each benchmark into .bench/<name>.pstats")
+    parser.add_argument("--rounds", type=int, default=0, metavar="N",
+                        help="rounds of each side of anchor.noop, anchor.retailcrm and "
+                        "anchor.ingest (default 3, 1 with --quick)")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="another checkout of crm-bridge (git worktree add DIR main): "
+                        "anchor.noop, anchor.retailcrm and anchor.ingest also run its daemon")
     return parser
 
 
@@ -133,6 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
+    baseline = args.baseline.resolve() if args.baseline else None
+    if baseline is not None and not (baseline / "daemon" / "__main__.py").exists():
+        print(f"bench: --baseline {args.baseline}: not a checkout of crm-bridge",
+              file=sys.stderr)
+        return 2
     command = "python -m bench" + "".join(f" {shlex.quote(a)}" for a in (
         sys.argv[1:] if argv is None else argv))
     started = time.monotonic()
@@ -146,7 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             facts = asyncio.run(machine(server_url))
             harness = Harness(server_url, quick=args.quick, log_level=args.log_level,
-                              profile=args.profile)
+                              profile=args.profile, baseline=baseline,
+                              rounds=max(0, args.rounds))
             for name in names:
                 began = time.monotonic()
                 print(f"bench: {name} …", file=sys.stderr, flush=True)

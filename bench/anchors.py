@@ -11,7 +11,14 @@ crm-bridge's as a frozen backlog of deliveries, pgqueuer's as frozen jobs. The c
 process starts and settles, then one statement makes everything due and the clock runs
 until the queue is empty. CPU is read from ``/proc`` before and after, for the consumer
 process, the upstream (nginx, master and worker) and the whole PostgreSQL server
-(``bench.procfs``). docs/benchmarks.md says what the rows mean.
+(``bench.procfs``), and nginx says how many requests it answered meanwhile: a side that
+sends fewer requests per delivery (uploads sharing a request) does less work, and the
+table says so. docs/benchmarks.md says what the rows mean.
+
+With ``--baseline DIR`` (another checkout of crm-bridge, e.g. ``git worktree add DIR
+main``) each anchor runs a third side in the same rounds, that checkout's daemon on the same
+database, interpreter and workload: before and after a change, measured under the same
+load.
 """
 
 from __future__ import annotations
@@ -20,13 +27,14 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 
 from bench import nginx, pgqworker, rounds, sampling, workload
 from bench.daemons import process, throughput_environ
-from bench.harness import OUT_DIR, Harness
+from bench.harness import OUT_DIR, ROOT, Harness
 from bench.procfs import cpu_of, postmaster_pid
 from bench.results import Row
 from bench.rounds import CONSUMER, POSTGRES, UPSTREAM, Round
@@ -42,6 +50,8 @@ DRAIN_TIMEOUT_S = 180.0
 
 
 def _rounds(h: Harness) -> int:
+    if h.rounds:
+        return h.rounds
     return QUICK_ROUNDS if h.quick else ROUNDS
 
 
@@ -54,45 +64,51 @@ async def _release_jobs(conn: asyncpg.Connection) -> float:
     return time.monotonic()
 
 
-async def _measure(url: str, consumer: int, upstream: int | None, release: Release,
-                   logged: str, pending: str, expected: Callable[[int], int]
-                   ) -> tuple[float, dict[str, float | None]]:
+async def _measure(url: str, consumer: int, upstream: nginx.StaticUpstream | None,
+                   release: Release, logged: str, pending: str,
+                   expected: Callable[[int], int]
+                   ) -> tuple[float, dict[str, float | None], int | None]:
     """Release the frozen queue of ``url`` and wait until it is empty: (seconds, CPU
-    seconds of each process over that time)."""
+    seconds of each process over that time, requests the upstream answered meanwhile)."""
     conn = await asyncpg.connect(url)
     try:
         server = await postmaster_pid(conn)
         before_logs = await conn.fetchval(logged)
-        pids = (consumer, upstream, server)
+        pids = (consumer, upstream.pid if upstream else None, server)
+        served = await nginx.requests_served(upstream.url) if upstream else 0
         before = cpu_of(pids)
         started = await release(conn)
         drain = await workload.drained(conn, started, expected(before_logs),
                                        timeout_s=DRAIN_TIMEOUT_S, logged=logged,
                                        pending=pending)
         after = cpu_of(pids)
+        # The second reading is a request too: it is not the consumer's.
+        requests = (await nginx.requests_served(upstream.url) - served - 1) if upstream else None
     finally:
         await conn.close()
     spent = [None if a is None or b is None else b - a for a, b in zip(before, after, strict=True)]
-    return drain.seconds, dict(zip((CONSUMER, UPSTREAM, POSTGRES), spent, strict=True))
+    return drain.seconds, dict(zip((CONSUMER, UPSTREAM, POSTGRES), spent, strict=True)), requests
 
 
 async def crm_round(h: Harness, name: str, adapter: tuple[str, str], firms: list[Enterprise],
                     config: Callable[[Enterprise], Mapping[str, Any]], events: int, *,
-                    upstream: int | None = None, profile: bool = False) -> Round:
+                    upstream: nginx.StaticUpstream | None = None, profile: bool = False,
+                    root: Path = ROOT, side: str = "crm-bridge") -> Round:
     """One crm-bridge drain of ``events`` events (see the module docstring); ``adapter``
-    is (the adapter's name, what ``CRM_BRIDGE_INTEGRATION`` loads)."""
+    is (the adapter's name, what ``CRM_BRIDGE_INTEGRATION`` loads); ``root`` the checkout
+    whose daemon runs (the baseline's, for that side)."""
     adapter_name, integration = adapter
     async with h.database() as url:
         queued = await workload.backlog(url, firms, adapter_name, config, events,
                                         extensions=adapter_name == "retailcrm")
         env = h.environ(url, CRM_BRIDGE_INTEGRATION=integration, CRM_BRIDGE_PORT="0",
                         CRM_BRIDGE_INSTANCE_ID=f"bench-{name}", **throughput_environ())
-        async with process(env, OUT_DIR / f"daemon-{name}.log") as proc:
+        async with process(env, OUT_DIR / f"daemon-{name}.log", root=root) as proc:
             spy: AbstractAsyncContextManager[dict[str, Any]] = (
                 sampling.sampled(proc.pid, OUT_DIR / f"{name}.pyspy.txt") if profile
                 else nullcontext({}))
             async with spy as found:
-                seconds, cpu = await _measure(
+                seconds, cpu, requests = await _measure(
                     url, proc.pid, upstream, workload.release, workload.LOGGED,
                     workload.PENDING, lambda before: before + queued)
         conn = await asyncpg.connect(url)
@@ -102,11 +118,13 @@ async def crm_round(h: Harness, name: str, adapter: tuple[str, str], firms: list
         finally:
             await conn.close()
     details: dict[str, Any] = {"statuses": counts, "attempts": attempts}
+    if requests is not None:
+        details["requests"] = requests
     if found:
         details["profile"] = found
         print(f"bench: {name} sampled profile of the daemon:\n{sampling.describe(found)}",
               file=sys.stderr)
-    return Round("crm-bridge", queued, seconds, cpu, details)
+    return Round(side, queued, seconds, cpu, details)
 
 
 async def pgq_round(h: Harness, firms: list[Enterprise], events: int, mode: str, *,
@@ -121,11 +139,13 @@ async def pgq_round(h: Harness, firms: list[Enterprise], events: int, mode: str,
             await conn.close()
         async with pgqworker.running(url, mode, upstream=upstream.url if upstream else ""
                                      ) as worker:
-            seconds, cpu = await _measure(
-                url, worker.pid, upstream.pid if upstream else None, _release_jobs,
-                pgqworker.LOGGED, pgqworker.LEFT,
+            seconds, cpu, requests = await _measure(
+                url, worker.pid, upstream, _release_jobs, pgqworker.LOGGED, pgqworker.LEFT,
                 lambda before: before + 2 * queued)  # a pick and a done per job
-    return Round("pgqueuer", queued, seconds, cpu, {"worker": worker.summary})
+    details: dict[str, Any] = {"worker": worker.summary}
+    if requests is not None:
+        details["requests"] = requests
+    return Round("pgqueuer", queued, seconds, cpu, details)
 
 
 # ---------------------------------------------------------------------- the rows
@@ -180,7 +200,60 @@ def comparison_rows(name: str, what: str, yardstick: str, got: dict[str, list[Ro
             rows.append(Row(f"{name} daemon CPU per delivery", sa.text(".2f", " ms"),
                             f"≤ {cpu_ms_at_most:g} ms").check(sa.median,
                                                               at_most=cpu_ms_at_most))
+    rows += _request_rows(name, ours, theirs)
+    if "baseline" in got:
+        rows += baseline_rows(name, ours, got["baseline"])
     return rows
+
+
+def _requests_per_delivery(rs: list[Round]) -> rounds.Series | None:
+    counts = [r.details.get("requests") for r in rs]
+    return rounds.series([None if n is None else n / r.deliveries
+                          for n, r in zip(counts, rs, strict=True)])
+
+
+def _request_rows(name: str, ours: list[Round], theirs: list[Round]) -> list[Row]:
+    """How many requests the upstream answered per delivery on each side: CPU per delivery
+    compares like with like only when they are equal."""
+    sa, sb = _requests_per_delivery(ours), _requests_per_delivery(theirs)
+    if sa is None or sb is None:
+        return []
+    return [Row(f"{name} upstream requests per delivery, crm-bridge / pgqueuer",
+                f"{sa.text('.2f')} vs {sb.text('.2f')}")]
+
+
+def baseline_rows(name: str, ours: list[Round], base: list[Round]) -> list[Row]:
+    """This checkout against ``--baseline``'s daemon, measured in the same rounds: the
+    rate, and CPU per 1,000 deliveries of the daemon and of PostgreSQL, as ratios (below 1:
+    this checkout spends less)."""
+    drained = rounds.series([r.rate for r in base])
+    assert drained is not None
+    rows = [Row(f"{name} baseline drain ({len(base)} rounds)",
+                f"{drained.text(unit='/s')}{_settled(base)}",
+                details={"rounds": [r.summary() for r in base]})]
+    rate = rounds.ratio([r.rate for r in ours], [r.rate for r in base])
+    if rate is not None:
+        rows.append(Row(f"{name} rate crm-bridge / baseline", rate.text()))
+    for proc, label in ((CONSUMER, "daemon"), (POSTGRES, "PostgreSQL")):
+        a, b = rounds.cpu_values(ours, proc), rounds.cpu_values(base, proc)
+        sa, sb, cpu = rounds.series(a), rounds.series(b), rounds.ratio(a, b)
+        if sa is None or sb is None or cpu is None:
+            continue
+        rows.append(Row(f"{name} CPU s per 1,000, {label}, crm-bridge / baseline",
+                        f"{sa.text('.3f')} vs {sb.text('.3f')} = {cpu.text()}"))
+    requests = _requests_per_delivery(base)
+    if requests is not None:
+        rows.append(Row(f"{name} baseline upstream requests per delivery",
+                        requests.text(".2f")))
+    return rows
+
+
+def _sides(h: Harness, ours: Callable[[int], Awaitable[Round]],
+           theirs: Callable[[int], Awaitable[Round]],
+           baseline: Callable[[int], Awaitable[Round]]
+           ) -> list[tuple[str, Callable[[int], Awaitable[Round]]]]:
+    sides = [("crm-bridge", ours), ("pgqueuer", theirs)]
+    return [*sides, ("baseline", baseline)] if h.baseline is not None else sides
 
 
 # ---------------------------------------------------------------------- the anchors
@@ -198,7 +271,13 @@ async def noop(h: Harness) -> list[Row]:
     def theirs(k: int) -> Awaitable[Round]:
         return pgq_round(h, firms, events, "noop")
 
-    got = await rounds.interleave(_rounds(h), [("crm-bridge", ours), ("pgqueuer", theirs)])
+    def baseline(k: int) -> Awaitable[Round]:
+        assert h.baseline is not None
+        return crm_round(h, "anchor-noop-baseline", ("noop", "bench.noop"), firms,
+                         lambda f: workload.noop_config(), events, root=h.baseline,
+                         side="baseline")
+
+    got = await rounds.interleave(_rounds(h), _sides(h, ours, theirs, baseline))
     rows = comparison_rows("anchor.noop", "crm-bridge drain, no-op adapter",
                            f"pgqueuer worker, no-op, batch {pgqworker.BATCH_SIZE}", got,
                            rate_at_least=1.2, cpu_at_most=1.0)
@@ -219,14 +298,18 @@ async def retailcrm(h: Harness) -> list[Row]:
 
         def ours(k: int) -> Awaitable[Round]:
             return crm_round(h, "anchor-retailcrm", ("retailcrm", "retailcrm"), firms, config,
-                             events,
-                             upstream=upstream.pid, profile=k < 0)
+                             events, upstream=upstream, profile=k < 0)
 
         def theirs(k: int) -> Awaitable[Round]:
             return pgq_round(h, firms, events, "http", upstream=upstream)
 
-        got = await rounds.interleave(_rounds(h), [("crm-bridge", ours),
-                                                   ("pgqueuer", theirs)])
+        def baseline(k: int) -> Awaitable[Round]:
+            assert h.baseline is not None
+            return crm_round(h, "anchor-retailcrm-baseline", ("retailcrm", "retailcrm"),
+                             firms, config, events, upstream=upstream, root=h.baseline,
+                             side="baseline")
+
+        got = await rounds.interleave(_rounds(h), _sides(h, ours, theirs, baseline))
         profiled = (await ours(-1)).summary() if h.profile else None
     rows = comparison_rows("anchor.retailcrm", "crm-bridge RetailCRM drain to nginx",
                            "pgqueuer worker posting the same requests", got,

@@ -73,13 +73,15 @@ async def daemon(settings: Settings) -> AsyncIterator[Runtime]:
 
 
 @asynccontextmanager
-async def process(env: Mapping[str, str], log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m daemon run`` with stdout to ``log``; yields once it is listening and its
-    listener has caught up; SIGTERM and wait on exit."""
+async def process(env: Mapping[str, str], log: Path, *, root: Path = ROOT
+                  ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m daemon run`` of the checkout at ``root`` (this one by default) with
+    stdout to ``log``; yields once it is listening and its listener has caught up; SIGTERM
+    and wait on exit."""
     with open(log, "wb") as out:
         proc = await asyncio.create_subprocess_exec(
-            PYTHON, "-m", "daemon", "run", cwd=ROOT, env=child_environ(env), stdout=out,
-            stderr=asyncio.subprocess.STDOUT)
+            PYTHON, "-m", "daemon", "run", cwd=root, env=child_environ(env, root=root),
+            stdout=out, stderr=asyncio.subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while b'"listening"' not in log.read_bytes():

@@ -44,6 +44,8 @@ class Harness:
     quick: bool = False
     log_level: str = "info"
     profile: bool = False
+    baseline: Path | None = None  # another checkout whose daemon the anchors also run
+    rounds: int = 0  # rounds of each side of the anchors (0: their default)
     secret_key: str = field(default_factory=lambda: secrets.token_hex(32))
     fernet_key: str = field(default_factory=_fernet_key)
     service_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
@@ -107,10 +109,11 @@ def describe_settings(settings: Settings, keys: tuple[str, ...]) -> dict[str, An
     return out
 
 
-def child_environ(extra: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a child Python process of the bench (repo root importable)."""
+def child_environ(extra: Mapping[str, str], *, root: Path = ROOT) -> dict[str, str]:
+    """The environment of a child Python process of the bench (the checkout at ``root``
+    importable first)."""
     env = {**os.environ, **extra, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH")) if p)
     return env
 
 

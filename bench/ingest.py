@@ -8,6 +8,7 @@ over 50 enterprises, the service token as a bearer header.
 * crm-bridge: ``python -m daemon run`` (no-op adapter) with its dispatcher kept idle —
   poll-only (``CRM_BRIDGE_NOTIFY=0``) and an hourly poll — so that only the ingest path is
   measured; the deliveries the inserts create stay pending.
+* with ``--baseline DIR``, that checkout's daemon as a third side, set up the same way;
 * the bare handler (``python -m bench.ingest URL``): one aiohttp route that checks the
   bearer token, parses the JSON, finds the enterprise by Token in a dict loaded at start
   and runs crm-bridge's own ``INSERT_EVENT`` on a pool set up like the daemon's
@@ -30,7 +31,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import asyncpg
@@ -208,7 +209,7 @@ async def _round(url: str, target: str, pid: int, lua: str, seconds: float,
 async def ingest(h: Harness) -> list[Row]:
     """anchor.ingest: see the module docstring."""
     seconds = QUICK_ROUND_S if h.quick else ROUND_S
-    count = 1 if h.quick else 3
+    count = h.rounds or (1 if h.quick else 3)
     firms = workload.enterprises(ENTERPRISES)
     tokens = [f.token for f in firms]
     async with h.database() as url:
@@ -222,10 +223,17 @@ async def ingest(h: Harness) -> list[Row]:
                         CRM_BRIDGE_INSTANCE_ID="bench-ingest", CRM_BRIDGE_NOTIFY="0",
                         CRM_BRIDGE_POLL_INTERVAL_S="3600")
         log = OUT_DIR / "daemon-ingest.log"
-        async with process(env, log) as daemon_proc, bare(url, h.service_token) as (
-                bare_url, bare_pid):
+        async with AsyncExitStack() as stack:
+            daemon_proc = await stack.enter_async_context(process(env, log))
+            bare_url, bare_pid = await stack.enter_async_context(bare(url, h.service_token))
             targets = {"crm-bridge": (listening_url(log), daemon_proc.pid),
                        "bare": (bare_url, bare_pid)}
+            if h.baseline is not None:  # --baseline: that checkout's daemon, a third side
+                base_log = OUT_DIR / "daemon-ingest-baseline.log"
+                base_env = {**env, "CRM_BRIDGE_INSTANCE_ID": "bench-ingest-baseline"}
+                base = await stack.enter_async_context(
+                    process(base_env, base_log, root=h.baseline))
+                targets["baseline"] = (listening_url(base_log), base.pid)
             for side, (target, _pid) in targets.items():  # open connections, fill caches
                 await wrk(target + "/api/events",
                           script(h.service_token, tokens, f"warm-{side}"), WARMUP_S)
@@ -257,6 +265,27 @@ async def ingest(h: Harness) -> list[Row]:
 
 
 def _rows(got: dict[str, list[Round]]) -> list[Row]:
+    rows = _anchor_rows(got)
+    if "baseline" in got:
+        rows += _baseline_rows(got["crm-bridge"], got["baseline"])
+    return rows
+
+
+def _baseline_rows(ours: list[Round], base: list[Round]) -> list[Row]:
+    """This checkout's ingest against ``--baseline``'s, measured in the same rounds."""
+    rows = []
+    rate = rounds.ratio([r.rate for r in ours], [r.rate for r in base])
+    if rate is not None:
+        rows.append(Row("anchor.ingest rate crm-bridge / baseline", rate.text()))
+    a, b = rounds.cpu_values(ours, CONSUMER), rounds.cpu_values(base, CONSUMER)
+    sa, sb, cpu = rounds.series(a), rounds.series(b), rounds.ratio(a, b)
+    if sa and sb and cpu:
+        rows.append(Row("anchor.ingest CPU s per 1,000 requests, server, crm-bridge / baseline",
+                        f"{sa.text('.3f')} vs {sb.text('.3f')} = {cpu.text()}"))
+    return rows
+
+
+def _anchor_rows(got: dict[str, list[Round]]) -> list[Row]:
     ours, theirs = got["crm-bridge"], got["bare"]
     details = {"rounds": {side: [r.summary() for r in rs] for side, rs in got.items()},
                "connections": CONNECTIONS, "wrk_threads": THREADS}

@@ -7,6 +7,8 @@ the RetailCRM client needs of a ``call/event`` answer — and ``calls/upload`` w
 ``{"success":true,"processedCallsCount":1,"duplicateCalls":[]}``; request bodies are read
 and discarded. One worker process, no access log, on 127.0.0.1 and a free port; the master
 runs in the foreground as this process's child (``daemon off``) and stops on SIGQUIT.
+``requests_served`` reads how many requests it has answered (nginx's ``stub_status``), so a
+drain says how many requests each delivery cost, whoever sent them.
 
 ``make bench`` installs nginx when it is missing (``deploy/devenv.sh bench``).
 """
@@ -32,6 +34,7 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 SUCCESS = '{"success":true}'
 UPLOADED = '{"success":true,"processedCallsCount":1,"duplicateCalls":[]}'
+STATUS_PATH = "/_status"
 
 CONFIG = """\
 worker_processes 1;
@@ -51,6 +54,7 @@ http {{
     default_type application/json;
     server {{
         listen 127.0.0.1:{port};
+        location = {status} {{ stub_status; }}
         location = /api/v5/telephony/calls/upload {{ return 200 '{uploaded}'; }}
         location / {{ return 200 '{success}'; }}
     }}
@@ -87,7 +91,24 @@ def config(prefix: Path, port: int) -> str:
     # able to read the prefix whoever runs the bench.
     user = "user root;" if os.geteuid() == 0 else ""
     return CONFIG.format(prefix=prefix, port=port, user=user, success=SUCCESS,
-                         uploaded=UPLOADED)
+                         uploaded=UPLOADED, status=STATUS_PATH)
+
+
+def served(status_page: str) -> int:
+    """The requests a ``stub_status`` page says nginx has taken, the one that read it
+    included."""
+    # "Active connections: 1 \nserver accepts handled requests\n 4 4 17 \nReading: ..."
+    lines = [line.strip() for line in status_page.splitlines()]
+    counts = lines[lines.index("server accepts handled requests") + 1].split()
+    return int(counts[2])
+
+
+async def requests_served(url: str) -> int:
+    """How many requests the nginx at ``url`` has taken so far, this one included: between
+    two readings, ``after - before - 1`` requests came from others."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http, \
+            http.get(url + STATUS_PATH) as resp:
+        return served(await resp.text())
 
 
 @asynccontextmanager

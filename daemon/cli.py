@@ -26,7 +26,18 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from daemon import __version__, db, devmode, links, logconfig, retention, runtime, sdnotify, store
+from daemon import (
+    __version__,
+    collector,
+    db,
+    devmode,
+    links,
+    logconfig,
+    retention,
+    runtime,
+    sdnotify,
+    store,
+)
 from daemon.integrations import (
     UnknownIntegration,
     available,
@@ -326,6 +337,7 @@ async def _admin_link(settings: Settings, enterprise: str, ttl_s: float) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    collector.tune()  # a long-lived server's collector (daemon/collector.py)
     return asyncio.run(serve(settings, args.dev_env))
 
 

@@ -18,7 +18,8 @@ The loop (one per process):
    comes alone, and nothing else is claimed while it is in flight: if it crashes this
    process too, it takes nothing else down with it. Each claimed row's payload is decoded
    on its own: a row that cannot be read is dead-lettered at once as ``malformed``, and the
-   rest of the batch goes on.
+   rest of the batch goes on. The claim returns each delivery's call too (``daemon.claims``):
+   an attempt reads it from the database again only when it starts long after its claim.
 3. **Attempt** each one in its own task: guards first (breaker, per-enterprise slot, a
    lease and an ownership long enough to finish), then the adapter under a hard
    ``attempt_timeout_s``, with the steps earlier attempts did (``DeliveryContext``).
@@ -30,7 +31,7 @@ The loop (one per process):
 The database going away stops nothing for good: a failed claim is reported to the
 process's ``DatabaseHealth`` and retried after a jittered pause; no claim is made while the
 outcome writer cannot write (the leases it holds would expire and count against their
-deliveries); a call's events that cannot be loaded make the attempt ``Retryable``.
+deliveries); a call's events that cannot be read again make the attempt ``Retryable``.
 
 Graceful stop: no new claims; in-flight attempts get ``grace_s`` to finish; whatever is
 left is cancelled and released (lease dropped, attempt not counted).
@@ -41,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -48,17 +50,17 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import structlog
 
-from daemon import db, logconfig, store
+from daemon import claims, db, logconfig, store
 from daemon.cache import ConfigCache, Entry
 from daemon.calls import StoredEvent
-from daemon.db import DatabaseHealth, UnreadableJson, decode_json
+from daemon.claims import Claimed
+from daemon.db import DatabaseHealth, UnreadableJson
 from daemon.errors import DeliveryError, Retryable
 from daemon.guards import Guards, LocalRateLimit, RequestGate
 from daemon.integrations.base import (
@@ -66,9 +68,10 @@ from daemon.integrations.base import (
     Deferred,
     Delivered,
     DeliveryContext,
+    Exchange,
     Outcome,
 )
-from daemon.logs import LogRow, OutcomeWriter, Settlement, mask
+from daemon.logs import LogRow, OutcomeWriter, Settlement, attempt_row, mask, masked_exchange
 from daemon.metrics import Metrics
 from daemon.ownership import Ownership, OwnershipLapsed
 from daemon.retry import Decision, Policy, decide
@@ -91,30 +94,6 @@ MAX_RETRY_WAKES = 10_000
 UNAVAILABLE_RETRY_S = 1.0
 # The error id of an attempt that failed because the database (not the CRM) was away.
 DATABASE_UNAVAILABLE = "database_unavailable"
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """One claimed delivery with its event; ``progress`` collects the steps this attempt
-    finishes (shared with its ``DeliveryContext``, kept even when the attempt is cut)."""
-
-    event: StoredEvent
-    enterprise: str
-    attempt: int
-    queued_at: datetime
-    lease: str
-    lease_deadline: float  # monotonic
-    suspect: bool = False  # its lease expired twice or more without an outcome
-    steps_done: frozenset[str] = frozenset()
-    stored_s: float = 0.0  # the event's age at the claim
-    claimed_at: float = 0.0  # monotonic
-    progress: set[str] = field(default_factory=set)
-
-    def steps(self) -> str | None:
-        """Every step done so far, as ``SETTLE`` stores them (None: nothing new)."""
-        if not self.progress - self.steps_done:
-            return None
-        return ",".join(sorted(self.steps_done | self.progress))
 
 
 class Dispatcher:
@@ -168,6 +147,7 @@ class Dispatcher:
         self._claim_failures = 0
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s
         self._recheck_at: float | None = None
         self._retries_at: list[float] = []  # a heap of monotonic times retries come due
         self._claim_no = itertools.count(1)
@@ -225,6 +205,7 @@ class Dispatcher:
         """Claim and attempt until ``stopping``; then drain and release (see module doc)."""
         # Every attempt task copies this context: its log lines name the integration.
         structlog.contextvars.bind_contextvars(integration=self._adapter.name)
+        self._loop = asyncio.get_running_loop()
         try:
             while not stopping.is_set():
                 free = self._concurrency - self._inflight_count
@@ -291,24 +272,12 @@ class Dispatcher:
     def _claimed(self, row: Mapping[str, Any], lease: str, started: float) -> Claimed | None:
         """The claimed row as a ``Claimed``; None when its payload cannot be read (it is
         dead-lettered as ``malformed`` at once: no attempt could ever map it)."""
-        self._ownership.took(row["enterprise_number"], float(row["owner_s"]), started)
+        self._ownership.took(row["enterprise_number"], row["owner_s"], started)
         try:
-            payload = decode_json(row["payload"])
+            return claims.claimed(row, lease, started)
         except UnreadableJson as exc:
             self._malformed(row, lease, f"malformed: payload: {exc}")
             return None
-        event = StoredEvent(
-            id=row["event_id"], event_type=row["event_type"], unique_id=row["unique_id"],
-            payload=payload, record_url=row["record_url"], origin=row["origin"],
-            received_at=row["received_at"],
-        )
-        return Claimed(
-            event=event, enterprise=row["enterprise_number"], attempt=row["attempts"],
-            queued_at=row["queued_at"], lease=lease,
-            lease_deadline=started + float(row["lease_s"]), suspect=row["suspect"],
-            steps_done=frozenset(row["steps_done"]), stored_s=float(row["stored_s"]),
-            claimed_at=started,
-        )
 
     def _malformed(self, row: Mapping[str, Any], lease: str, reason: str) -> None:
         log_row = LogRow(
@@ -364,7 +333,10 @@ class Dispatcher:
             return None
 
     def _start(self, group: list[Claimed]) -> None:
-        task = asyncio.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
+        # The loop's own create_task: asyncio.create_task asks for the running loop, a
+        # getpid() system call on Python 3.11, once per attempt.
+        assert self._loop is not None  # run() is running
+        task = self._loop.create_task(self._attempt(group), name=f"delivery-{group[0].event.id}")
         self._inflight[task] = len(group)
         self._inflight_count += len(group)
         self._in_hand[group[0].enterprise] += len(group)
@@ -469,7 +441,8 @@ class Dispatcher:
             return entry
         return await self._cache.fetch(enterprise)
 
-    def _context(self, item: Claimed, entry: Entry, gate: RequestGate) -> DeliveryContext:
+    def _context(self, item: Claimed, entry: Entry, gate: RequestGate,
+                 keep: Callable[[Exchange], Exchange]) -> DeliveryContext:
         assert entry.config is not None
         return DeliveryContext(
             enterprise=item.enterprise, config=entry.config, event=item.event,
@@ -477,7 +450,7 @@ class Dispatcher:
             gate=self._owned_gate(item.enterprise, gate),
             load_call=lambda: self._load_call(item),
             steps_done=item.steps_done, progress=item.progress, stored_s=item.stored_s,
-            claimed_at=item.claimed_at, on_exchange=gate.ended,
+            claimed_at=item.claimed_at, on_exchange=gate.ended, keep=keep,
         )
 
     def _owned_gate(self, enterprise: str, gate: RequestGate) -> Callable[[str], Awaitable[None]]:
@@ -498,7 +471,9 @@ class Dispatcher:
         gate = self._guards.gate(
             group[0].enterprise, self._adapter.rate_class, self._attempt_timeout_s,
             latest_start=time.monotonic() + self._attempt_timeout_s * REQUEST_START_SHARE)
-        ctxs = [self._context(item, entry, gate) for item in group]
+        # Every exchange is masked once, as it is recorded (daemon/logs.py).
+        keep = functools.partial(masked_exchange, secrets=_secrets(entry))
+        ctxs = [self._context(item, entry, gate, keep) for item in group]
         started = time.monotonic()
         results: Sequence[Outcome | BaseException]
         try:
@@ -533,24 +508,20 @@ class Dispatcher:
                 self._succeeded(item, entry, ctx, result, elapsed)
 
     async def _load_call(self, item: Claimed) -> Sequence[StoredEvent]:
-        """Every readable stored event of the item's call. A row that cannot be decoded is
-        left out (its own delivery, if it has one, fails as ``malformed``); the database
-        being away raises ``Retryable`` — an outage, not a bug of the adapter."""
+        """Every readable stored event of the item's call: as the claim returned it, or
+        read again when the attempt started long after its claim (``daemon.claims``). A
+        row that cannot be decoded is left out (its own delivery, if it has one, fails as
+        ``malformed``); the database being away raises ``Retryable`` — an outage, not a
+        bug of the adapter."""
+        events = claims.call_of(item)
+        if events is not None:
+            return events
         try:
-            rows = await store.call_events(self._pool, item.enterprise, item.event.unique_id)
+            return await claims.load_call(self._pool, item)
         except (asyncpg.PostgresError, *db.UNAVAILABLE_TYPES) as exc:
             if not self._health.failed(exc, "attempt"):
                 raise
             raise _database_unavailable(exc) from None
-        events = []
-        for row in rows:
-            try:
-                payload = decode_json(row["payload"])
-            except UnreadableJson as exc:
-                log.info("call_event_unreadable", event_id=row["id"], reason=str(exc))
-                continue
-            events.append(StoredEvent(**{**dict(row), "payload": payload}))
-        return events
 
     def _succeeded(self, item: Claimed, entry: Entry, ctx: DeliveryContext,
                    outcome: Outcome, elapsed: float) -> None:
@@ -665,25 +636,8 @@ class Dispatcher:
 
     def _log_row(self, item: Claimed, entry: Entry, ctx: DeliveryContext, *,
                  ok: bool, error: str | None, detail: str = "") -> LogRow:
-        secrets = _secrets(entry)
-        exchanges = [
-            {"method": x.method, "path": x.path, "request": x.request,
-             "status": x.status, "duration_ms": round(x.duration_s * 1000, 1)}
-            for x in ctx.exchanges
-        ]
-        request: dict[str, Any] = {"unique_id": item.event.unique_id, "event_id": item.event.id,
-                                   "attempt": item.attempt, "requests": exchanges}
-        if detail:
-            request["outcome"] = detail
-        if ctx.progress:
-            request["steps_done"] = sorted(ctx.progress)
-        response = [{"path": x.path, "status": x.status, "body": x.response}
-                    for x in ctx.exchanges]
-        return LogRow(
-            enterprise=item.enterprise, event_type=item.event.event_type,
-            request=mask(request, secrets), response=mask(response, secrets),
-            ok=ok, error=error,
-        )
+        return attempt_row(item.enterprise, item.event, item.attempt, ctx.exchanges,
+                           ctx.progress, _secrets(entry), ok=ok, error=error, detail=detail)
 
     # ------------------------------------------------------------------ observation
 

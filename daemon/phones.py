@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import re
+import traceback
 
 import phonenumbers
 
@@ -85,17 +86,18 @@ def _best_parse(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
     foreign number written without ``+``, e.g. ``79161234567`` from a BY line); with a
     ``00`` international prefix replaced by ``+`` (common in caller ids, not BY's prefix).
     """
-    readings = [_parse(raw, region)]
+    # Each reading is parsed only when the ones before it are not valid: most numbers are
+    # valid as dialled, and a reading that does not parse costs an exception.
+    as_dialled = _parse(raw, region)
+    if as_dialled is not None and phonenumbers.is_valid_number(as_dialled):
+        return as_dialled
     if not raw.startswith("+"):
         only = digits(raw)
-        readings.append(_parse("+" + only, region))
-        if only.startswith("00"):
-            readings.append(_parse("+" + only[2:], region))
-    parsed = [n for n in readings if n is not None]
-    for number in parsed:
-        if phonenumbers.is_valid_number(number):
-            return number
-    as_dialled = readings[0]
+        others = ("+" + only, "+" + only[2:]) if only.startswith("00") else ("+" + only,)
+        for text in others:
+            number = _parse(text, region)
+            if number is not None and phonenumbers.is_valid_number(number):
+                return number
     if as_dialled is not None and phonenumbers.is_possible_number(as_dialled):
         return as_dialled
     return None
@@ -104,5 +106,10 @@ def _best_parse(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
 def _parse(raw: str, region: str) -> phonenumbers.PhoneNumber | None:
     try:
         return phonenumbers.parse(raw, region if region in phonenumbers.SUPPORTED_REGIONS else None)
-    except phonenumbers.NumberParseException:
+    except phonenumbers.NumberParseException as exc:
+        # libphonenumber keeps the exception's traceback in a local of the frame that
+        # re-raises it (``sys.exc_info()``): a reference cycle that would hold its frames,
+        # and every frame of ours up the stack, until the cyclic garbage collector runs.
+        # Cleared now, refcounting frees them at once.
+        traceback.clear_frames(exc.__traceback__)
         return None

@@ -293,7 +293,10 @@ async def insert_event(
 # the deliveries in flight beside it are not taken down with it again — an innocent delivery
 # is not poisoned by company. (After one expiry, the common case of a process killed with a
 # batch in flight, deliveries are claimed together as usual.)
-# The payload comes as text, decoded row by row by the dispatcher (see daemon/db.py).
+# The payload comes as text, decoded row by row by the dispatcher (see daemon/db.py); so
+# do the call's other stored events (``call_*``, parallel arrays in no particular order,
+# NULL when there are none): the call is read with the claim, not in a round trip of its
+# own per delivery (daemon/claims.py).
 #
 # Only enterprises this instance owns are claimed (crm_owners, sql/005): those whose live
 # ownership row names it, and free ones (no live row) it takes in the same statement — if
@@ -405,9 +408,20 @@ SELECT t.event_id, t.attempts, t.queued_at, t.steps_done, t.reclaimed, t.suspect
        t.owner_s, t.dead, t.last_error, e.enterprise_number, e.event_type, e.unique_id,
        CASE WHEN t.dead IS NULL THEN e.payload::text END AS payload,
        e.record_url, e.origin, e.received_at,
-       extract(epoch FROM now() - e.received_at)::float8 AS stored_s
+       extract(epoch FROM now() - e.received_at)::float8 AS stored_s,
+       c.ids AS call_ids, c.types AS call_types, c.payloads AS call_payloads,
+       c.record_urls AS call_record_urls, c.origins AS call_origins,
+       c.received_at AS call_received_at
   FROM taken t
   JOIN crm_events e ON e.id = t.event_id
+  LEFT JOIN LATERAL (
+       SELECT array_agg(s.id) AS ids, array_agg(s.event_type) AS types,
+              array_agg(s.payload::text) AS payloads, array_agg(s.record_url) AS record_urls,
+              array_agg(s.origin) AS origins, array_agg(s.received_at) AS received_at
+         FROM crm_events s
+        WHERE t.dead IS NULL
+          AND s.enterprise_number = e.enterprise_number AND s.unique_id = e.unique_id
+          AND s.id <> e.id) c ON true
  ORDER BY t.event_id
 """
 
@@ -418,8 +432,9 @@ async def claim(
     ownership_s: float, takeover_s: float,
 ) -> list[asyncpg.Record]:
     """Claim up to ``limit`` due deliveries under ``lease`` (see ``CLAIM``): the rows taken,
-    and those the claim dead-lettered itself (``dead`` not None, no payload). Only
-    enterprises ``instance`` owns or takes, for ``ownership_s``, are claimed."""
+    each with its call's other events, and those the claim dead-lettered itself (``dead``
+    not None, no payload, no call). Only enterprises ``instance`` owns or takes, for
+    ``ownership_s``, are claimed."""
     rows: list[asyncpg.Record] = await db.fetch(
         CLAIM, integration, limit, sorted(held), lease_s, lease, max_lease_expiries,
         max_attempts, instance, ownership_s, takeover_s)
@@ -547,8 +562,9 @@ async def retire_instance(db: Executor, integration: str, instance: str, quiet_s
     await db.execute(RETIRE_INSTANCE, integration, instance, quiet_s)
 
 
-# The payload as text: decoded row by row (``call_events``), so one unreadable sibling
-# does not fail the others.
+# The payload as text: decoded row by row (``daemon.claims``), so one unreadable sibling
+# does not fail the others. (A claim returns the call with the delivery; this reads it
+# again for an attempt that starts long after its claim.)
 CALL_EVENTS = """
 SELECT id, event_type, unique_id, payload::text AS payload, record_url, origin, received_at
   FROM crm_events

@@ -235,3 +235,31 @@ def test_anchor_rows_give_each_side_the_ratios_and_the_verdicts() -> None:
     (ours, *_rest) = anchors.comparison_rows("anchor.x", "ours", "theirs", got,
                                              rate_at_least=1.0, cpu_at_most=None)
     assert ours.verdict == "MISS" and "settled" in ours.figure
+
+
+def test_nginx_counts_the_requests_it_answered() -> None:
+    page = ("Active connections: 1 \nserver accepts handled requests\n 4 4 17 \n"
+            "Reading: 0 Writing: 1 Waiting: 0 \n")
+    assert nginx.served(page) == 17
+    assert f"location = {nginx.STATUS_PATH} {{ stub_status; }}" in nginx.config(Path("/x"), 1)
+
+
+def test_anchor_rows_say_the_requests_per_delivery_and_compare_with_a_baseline() -> None:
+    def side(name: str, cpu_ms: float, requests: int) -> list[rounds.Round]:
+        return [rounds.Round(name, 1_000, 1.0, {rounds.CONSUMER: cpu_ms, rounds.UPSTREAM: None,
+                                                rounds.POSTGRES: cpu_ms / 4},
+                             {"requests": requests}) for _ in range(3)]
+
+    got = {"crm-bridge": side("crm-bridge", 0.6, 1_100), "pgqueuer": side("pgqueuer", 0.4, 1_500),
+           "baseline": side("baseline", 1.0, 1_500)}
+    rows = {r.benchmark: r.figure for r in anchors.comparison_rows(
+        "anchor.x", "ours", "theirs", got, rate_at_least=1.0, cpu_at_most=None)}
+    assert rows["anchor.x upstream requests per delivery, crm-bridge / pgqueuer"] == (
+        "1.10 vs 1.50")
+    assert rows["anchor.x CPU s per 1,000, daemon, crm-bridge / baseline"] == (
+        "0.600 vs 1.000 = ×0.60")
+    assert rows["anchor.x rate crm-bridge / baseline"] == "×1.00"
+    assert rows["anchor.x baseline upstream requests per delivery"] == "1.50"
+    got.pop("baseline")
+    assert not any("baseline" in name for name in {r.benchmark for r in anchors.comparison_rows(
+        "anchor.x", "ours", "theirs", got, rate_at_least=1.0, cpu_at_most=None)})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+
+import phonenumbers
 import pytest
 
 from daemon import phones
@@ -90,3 +93,20 @@ def test_is_extension(raw: str, expected: bool) -> None:
 
 def test_digits() -> None:
     assert phones.digits("+375 (29) 1-2") == "3752912"
+
+
+def test_a_number_that_does_not_parse_leaves_nothing_to_the_cyclic_collector() -> None:
+    """A reading libphonenumber refuses raises inside it; its frames must not outlive the
+    call (they would hold every caller's frame up to the delivery until a collection)."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for n in range(5):
+            assert phones.normalize_ex(f"anonymous-{n}", "BY") == (str(n), False)
+            assert phones.normalize_ex(f"802912{n}", "XX") == (f"802912{n}", False)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, phonenumbers.NumberParseException)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []

@@ -10,8 +10,9 @@ import sys
 import aiohttp
 import pytest
 
+from daemon import collector
 from daemon.supervisor import Supervisor
-from tests.conftest import settings_env
+from tests.conftest import TEST_SERVICE_TOKEN, settings_env
 from tests.support.daemon import ROOT, start_process
 
 
@@ -91,3 +92,21 @@ async def test_a_graceful_stop_is_not_a_failure() -> None:
     supervisor.stop()
     assert await supervisor.join(2)
     assert supervisor.failed is None
+
+
+@pytest.mark.slow
+async def test_run_tunes_the_garbage_collector_for_a_server(database_url: str) -> None:
+    daemon = await start_process(settings_env(database_url))
+    try:
+        headers = {"Authorization": f"Bearer {TEST_SERVICE_TOKEN}"}
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"{daemon.url}/stats", headers=headers) as r:
+            assert r.status == 200
+            collected = (await r.json())["gc"]
+        await daemon.signal(signal.SIGTERM)
+        assert await daemon.stop() == 0
+    finally:
+        if daemon.proc.returncode is None:
+            await daemon.kill()
+    assert collected["thresholds"][0] == collector.YOUNG_THRESHOLD
+    assert len(collected["generations"]) == 3

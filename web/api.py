@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon import collector
 from daemon.cache import AmbiguousToken, Entry
 from daemon.ingest import (
     FieldError,
@@ -140,5 +141,6 @@ async def stats(request: web.Request) -> web.Response:
         "guards": runtime.guards.stats(),
         "smart_redirect": runtime.redirect.stats(),
         "database": runtime.health.stats(),
+        "gc": collector.stats(),
     }
     return web.json_response(body)

@@ -54,9 +54,11 @@ class IntegrationConfig(Protocol):
 class Exchange:
     """One HTTP round trip to a CRM, as it goes into the attempt's log row.
 
-    ``request`` is what was sent (query or form fields, JSON fields decoded) and never holds
-    a credential; ``status`` is None when no answer came; ``response`` is the parsed body or
-    a short excerpt of one that is not JSON.
+    ``request`` is what was sent (query or form fields; a JSON field as the object that was
+    encoded, which the caller may still hold: whoever keeps an exchange beyond the request
+    copies it, as ``DeliveryContext.record`` does) and never holds a credential; ``status``
+    is None when no answer came; ``response`` is the parsed body or a short excerpt of one
+    that is not JSON.
     """
 
     method: str
@@ -74,7 +76,8 @@ class DeliveryContext:
     Requests: the client awaits ``gate(path)`` right before each request (the rate limit;
     it may raise ``Retryable`` when the request must not go now) and calls ``record`` once
     the round trip is over, failed ones included — the core counts each request against
-    the CRM's rate window from the first to the second.
+    the CRM's rate window from the first to the second. ``record`` keeps the exchange as
+    the attempt's log row will show it (``keep``: the core masks it there, once).
 
     Steps: a delivery that needs several requests (a popup, then an upload) names each
     finished one with ``step_done``; they are stored with the attempt's outcome, whatever
@@ -96,13 +99,14 @@ class DeliveryContext:
     stored_s: float = 0.0  # the event's age when it was claimed
     claimed_at: float = field(default_factory=time.monotonic)
     on_exchange: Callable[[Exchange], None] | None = None
+    keep: Callable[[Exchange], Exchange] | None = None
 
     def record(self, exchange: Exchange) -> None:
         """Keep one CRM round trip for the log row (clients call this per request, when it
-        is over)."""
-        self.exchanges.append(exchange)
+        is over): ``exchanges`` get it as ``keep`` makes it (masked, a copy of its own)."""
         if self.on_exchange is not None:
             self.on_exchange(exchange)
+        self.exchanges.append(exchange if self.keep is None else self.keep(exchange))
 
     def step_done(self, step: str) -> None:
         """``step`` succeeded in this attempt: a later attempt of this delivery skips it."""

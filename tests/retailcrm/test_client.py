@@ -12,16 +12,20 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import pytest
 import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from daemon import errors
 from daemon.integrations.retailcrm.client import (
     MAX_UPLOAD_BATCH,
     Exchange,
     RetailCrmClient,
+    form_body,
     parse_retry_after,
 )
 from daemon.integrations.retailcrm.simulator import Simulator, make_users, running_simulator
@@ -433,3 +437,14 @@ def test_retry_after_parsing() -> None:
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past
+
+
+@given(st.dictionaries(st.text(max_size=20), st.text(max_size=200), max_size=4))
+def test_form_bodies_are_what_urlencode_writes(fields: dict[str, str]) -> None:
+    assert form_body(fields) == urlencode(fields).encode()
+
+
+def test_a_form_body_of_json_fields_and_names() -> None:
+    fields = {"event": '{"phone":"+375 29 123","codes":["150"],"name":"Анна ~ O\'Neil"}',
+              "calls": "[]", "status": "free"}
+    assert form_body(fields) == urlencode(fields).encode()

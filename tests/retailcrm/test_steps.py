@@ -134,3 +134,25 @@ async def test_hangups_whose_popup_is_done_share_one_upload_request(
     assert sim.recorded(EVENT) == [], "no popup again"
     (request,) = sim.recorded(UPLOAD)
     assert sorted(call["externalId"] for call in request.form["calls"]) == uids
+
+
+async def test_a_backlog_past_its_popups_shares_upload_requests(
+    sim: Simulator, pool: asyncpg.Pool, crypto: Crypto, make_settings: Callable[..., Settings]
+) -> None:
+    await seed(pool, crypto, sim.url, user_extensions={"1": "101"})
+    await register(pool, "retailcrm")
+    uids = [f"1757772742.8{n}" for n in range(5)]
+    for uid in uids:
+        await insert_event(pool, "hangup", hangup(uid, extensions=("101",)))
+    # RetailCRM was unreachable for ten minutes: no popup is worth showing, every call
+    # still goes to the history — together, not in a request each.
+    await pool.execute("UPDATE crm_events SET received_at = now() - interval '10 minutes'")
+    async with running(make_settings(poll_interval_s=0.1)):
+        await wait_until(lambda: len(sim.state.uploaded_calls) == 5)
+        await settled(pool, 5)
+    assert sim.recorded(EVENT) == []
+    (request,) = sim.recorded(UPLOAD)
+    assert sorted(call["externalId"] for call in request.form["calls"]) == uids
+    rows = await pool.fetch("SELECT request_data->>'outcome' AS outcome FROM integration_logs")
+    assert len(rows) == 5, "a log row per delivery"
+    assert all(r["outcome"].startswith("call uploaded; stale_popup: not shown") for r in rows)

@@ -15,8 +15,9 @@ with a reason; an upload is retried as long as the retry policy allows. The uplo
 hangup (or download) waits the settle window (``upload_settle_s``, 3 s by default) after the
 hangup was stored — the delivery is ``Deferred`` meanwhile, its popup sent at once — and
 then folds every event of the call stored by then: a dial stored after its hangup still
-names the manager. Hangups whose popup is done and downloads of one enterprise claimed
-together (a backlog) are delivered as one batch: their uploads in requests of at most 50.
+names the manager. Hangups whose popup is done (or too old to show) and downloads of one
+enterprise claimed together (a backlog) are delivered as one batch: their uploads in
+requests of at most 50.
 
 Upkeep: ``register``/``unregister``/``sync_extensions`` keep the module registered in
 RetailCRM (``module.Registrar``); ``save_extensions`` stores an assignment set and syncs it;
@@ -31,6 +32,7 @@ import contextlib
 import random
 import time
 from collections.abc import Coroutine, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -88,6 +90,9 @@ REQUIRED_SCOPES = ("integration_read", "integration_write", "telephony_read",
 CHECK_TIMEOUT_S = 5.0
 # A live call card shown later than this helps nobody: the popup is skipped.
 POPUP_MAX_AGE_S = 120.0
+# How far this host's clock may be ahead of the database's for batch_key's reading of an
+# event's age (the popup decision itself reads the database's clock).
+CLOCK_MARGIN_S = 60.0
 DEFAULT_UPLOAD_SETTLE_S = 3.0
 POPUP, UPLOAD = "popup", "upload"  # a delivery's steps
 STALE_POPUP = "stale_popup"  # the reason a popup was not sent
@@ -116,6 +121,8 @@ class RetailCrmAdapter:
         self.upload_settle_s = float(deps.settings.get("upload_settle_s",
                                                        DEFAULT_UPLOAD_SETTLE_S))
         self._internal: dict[str, tuple[float, frozenset[str]]] = {}
+        # enterprise -> (config, internal numbers, the mapping options made of them)
+        self._options: dict[str, tuple[cfg.RetailCrmConfig, frozenset[str], MappingOptions]] = {}
         self._rng = random.Random()  # the reconciler's jitter, not the module's shared state
 
     # ------------------------------------------------------------------ protocol
@@ -132,14 +139,15 @@ class RetailCrmAdapter:
         self, event: StoredEvent, config: IntegrationConfig, steps_done: frozenset[str]
     ) -> str | None:
         """Upload-only deliveries of one enterprise share upload requests: downloads (the
-        recovery backlog), and hangups whose popup is done or off. A hangup with a popup
-        to send is delivered alone, so a batch is one request and always fits the attempt
-        timeout."""
+        recovery backlog), and hangups whose popup is done, off, or long past showing (a
+        backlog the CRM could not take for minutes). A hangup with a popup to send is
+        delivered alone, so a batch is one request and always fits the attempt timeout."""
         if event.event_type == "download":
             return "calls"
-        if event.event_type == "hangup" and isinstance(config, cfg.RetailCrmConfig):
-            return "calls" if POPUP in steps_done or not config.popup_hangup else None
-        return None
+        upload_only = event.event_type == "hangup" and isinstance(
+            config, cfg.RetailCrmConfig) and (
+                POPUP in steps_done or not config.popup_hangup or _past_popup(event))
+        return "calls" if upload_only else None
 
     def client(self, config: cfg.RetailCrmConfig, ctx: DeliveryContext | None = None,
                timeout_s: float = 3.0) -> RetailCrmClient:
@@ -230,9 +238,10 @@ class RetailCrmAdapter:
     async def _plan(self, ctx: DeliveryContext) -> tuple[Plan, CallEvent]:
         config = _config(ctx)
         current = parse_event(ctx.event)
-        events, _rejected = parse_call(await ctx.load_call())
+        # The call's events include this one: it is parsed once, above.
+        others, _rejected = parse_call(e for e in await ctx.load_call() if e.id != current.id)
         options = await self.options(ctx.enterprise, config)
-        planned = plan(current, events, options)
+        planned = plan(current, others, options)
         if planned.phone_unparsed:
             log.info("phone_not_normalised", unique_id=ctx.event.unique_id)
         return planned, current
@@ -268,16 +277,22 @@ class RetailCrmAdapter:
                 results[index] = Delivered("call already uploaded" if seen else "call uploaded")
 
     async def options(self, enterprise: str, config: cfg.RetailCrmConfig) -> MappingOptions:
-        """The mapping options of one enterprise (its internal numbers cached briefly)."""
-        return MappingOptions(
+        """The mapping options of one enterprise (its internal numbers cached briefly); the
+        same object for as long as its configuration and its numbers are the same ones."""
+        numbers = await self.internal_numbers(enterprise)
+        kept = self._options.get(enterprise)
+        if kept is not None and kept[0] is config and kept[1] is numbers:
+            return kept[2]
+        options = MappingOptions(
             host_zone=ZoneInfo(config.time_zone), crm_zone=ZoneInfo(config.crm_time_zone),
             region=config.region, popup_incoming=config.popup_incoming,
             popup_outgoing=config.popup_outgoing, popup_hangup=config.popup_hangup,
             upload_history=config.upload_history, upload_recordings=config.upload_recordings,
             log_internal=config.log_internal, user_extensions=config.user_extensions,
-            internal_numbers=await self.internal_numbers(enterprise),
-            external_phones=config.external_phones,
+            internal_numbers=numbers, external_phones=config.external_phones,
         )
+        self._options[enterprise] = (config, numbers, options)
+        return options
 
     async def internal_numbers(self, enterprise: str) -> frozenset[str]:
         """This enterprise's extensions (``user_internal_phones``), cached for a minute."""
@@ -451,6 +466,14 @@ class RetailCrmAdapter:
                 health = self.deps.health
                 if health is None or not health.failed(exc, "extensions-sync"):
                     log.warning("extensions_reconcile_failed", error=type(exc).__name__)
+
+
+def _past_popup(event: StoredEvent) -> bool:
+    """Whether the event is surely too old for its popup (``POPUP_MAX_AGE_S``): by this
+    host's clock, with ``CLOCK_MARGIN_S`` to spare for a database clock behind it — the
+    attempt decides by the database's, and a popup it still finds due goes all the same."""
+    age_s = (datetime.now(UTC) - event.received_at).total_seconds()
+    return age_s > POPUP_MAX_AGE_S + CLOCK_MARGIN_S
 
 
 def _config(ctx: DeliveryContext) -> cfg.RetailCrmConfig:
